@@ -1,0 +1,29 @@
+"""The error types the worker raises, and the one place they become a caller's message.
+
+`RequestError` is the caller's fault: its message names the field and the limit and goes
+to the caller as is. Everything else is ours: the caller gets a short message and the
+detail goes to the log only (no traceback, no secret, no signed URL in a job's output).
+"""
+
+from __future__ import annotations
+
+
+class HiggsRunpodError(Exception):
+    """Base class: every error this package raises on purpose."""
+
+
+class RequestError(HiggsRunpodError):
+    """The request is invalid; `field` names the offending input field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class ModelNotFoundError(HiggsRunpodError):
+    """A checkpoint directory is missing or not a Higgs Audio v2 checkpoint."""
+
+
+class OutOfMemoryError(HiggsRunpodError):
+    """The device ran out of memory for this request; the worker keeps serving."""

@@ -1,0 +1,151 @@
+"""The RunPod handler: a job's `input` in, one JSON object with the audio out.
+
+    input --schema.parse_request--> SpeechRequest --voices--> clips / descriptions
+          --prompts--> conversation --engine (off the event loop)--> samples
+          --audio.encode--> response
+
+Every failure becomes RunPod's failed-job shape `{"error": "..."}` here and nowhere else:
+request errors name the field and the limit; internal errors give a short message and
+log the detail. The worker keeps serving after either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from typing import Any
+
+from . import audio
+from .engine import Engine, SamplingParams, Synthesis
+from .errors import HiggsRunpodError, RequestError
+from .prompts import build_conversation
+from .schema import SpeechRequest, parse_request
+from .settings import Settings, load_settings
+from .voices import VoiceResolver
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Everything a job needs, built once per process from the settings."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or Engine(settings)
+        self.voices = VoiceResolver(settings)
+
+    async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Run one job; never raises (RunPod would send the traceback to the caller)."""
+        job_id = str(job.get("id", "local"))
+        try:
+            return await self._run(job.get("input"))
+        except RequestError as error:
+            log.info("job %s rejected: %s", job_id, error)
+            return {"error": str(error)}
+        except HiggsRunpodError as error:
+            log.error("job %s failed: %s", job_id, error)
+            return {"error": str(error)}
+        except Exception:
+            log.exception("job %s failed with an internal error", job_id)
+            return {"error": f"internal error while generating speech (job {job_id}); "
+                             "the worker log has the details"}  # fmt: skip
+
+    async def _run(self, raw_input: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        request = parse_request(raw_input, self.settings)
+        resolve_start = time.perf_counter()
+        conversation = await asyncio.to_thread(self._conversation, request)
+        resolve_ms = (time.perf_counter() - resolve_start) * 1000.0
+        load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
+        synthesis = await asyncio.to_thread(
+            self.engine.synthesize, conversation, _sampling(request)
+        )
+        encode_start = time.perf_counter()
+        samples = audio.resample(synthesis.samples, synthesis.sample_rate, request.sample_rate)
+        encoded = audio.encode(samples, request.sample_rate, request.format)
+        encode_ms = (time.perf_counter() - encode_start) * 1000.0
+        total_ms = (time.perf_counter() - started) * 1000.0
+        return _response(
+            request,
+            synthesis,
+            encoded,
+            duration_s=len(samples) / request.sample_rate,
+            timings_ms={
+                "load": load_ms,
+                "prepare": resolve_ms + synthesis.prepare_ms,
+                "generate": synthesis.generate_ms,
+                "decode": synthesis.decode_ms,
+                "encode": encode_ms,
+                "total": total_ms,
+            },
+        )
+
+    def _conversation(self, request: SpeechRequest) -> list[dict[str, Any]]:
+        resolve = self.voices.resolve
+        voice = resolve(request.voice, "voice") if request.voice is not None else None
+        speakers = (
+            {tag: resolve(v, f"speakers.{tag}") for tag, v in request.speakers.items()}
+            if request.speakers
+            else None
+        )
+        return build_conversation(
+            request.text,
+            scene=request.scene,
+            voice=voice,
+            speakers=speakers,
+        )
+
+
+def _sampling(request: SpeechRequest) -> SamplingParams:
+    return SamplingParams(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        seed=request.seed,
+        max_new_tokens=request.max_new_tokens,
+        ras_win_len=request.ras_win_len,
+        ras_win_max_num_repeat=request.ras_win_max_num_repeat,
+    )
+
+
+def _response(
+    request: SpeechRequest,
+    synthesis: Synthesis,
+    encoded: bytes,
+    duration_s: float,
+    timings_ms: dict[str, float],
+) -> dict[str, Any]:
+    busy_s = (timings_ms["generate"] + timings_ms["decode"]) / 1000.0
+    return {
+        "audio_base64": base64.b64encode(encoded).decode("ascii"),
+        "format": request.format,
+        "content_type": audio.CONTENT_TYPES[request.format],
+        "sample_rate": request.sample_rate,
+        "duration_s": round(duration_s, 3),
+        "seed": synthesis.seed,
+        "usage": {
+            "prompt_tokens": synthesis.prompt_tokens,
+            "generated_tokens": synthesis.generated_tokens,
+            "audio_frames": synthesis.frames,
+        },
+        "timings_ms": {name: round(value, 1) for name, value in timings_ms.items()},
+        "real_time_factor": round(busy_s / duration_s, 4) if duration_s else None,
+    }
+
+
+_worker: Worker | None = None
+
+
+def get_worker() -> Worker:
+    """The process's worker, built from the environment on first use (not at import)."""
+    global _worker
+    if _worker is None:
+        _worker = Worker(load_settings())
+    return _worker
+
+
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """RunPod entry point: `runpod.serverless.start({"handler": handler})`."""
+    return await get_worker().handle(job)

@@ -1,0 +1,184 @@
+"""Build a tiny, randomly initialised Higgs Audio v2 checkpoint (it speaks noise).
+
+The checkpoint has the real architecture (the same `transformers` classes, the same file
+layout, a chat template for the roles system/scene/user/assistant) at a size that runs on
+a laptop CPU in milliseconds. Tests build one per session; users try the API offline with
+it. Nothing is downloaded: the text tokenizer is trained here on a few sentences.
+
+    DIR/model      generation model + text tokenizer + feature extractor + chat template
+    DIR/tokenizer  audio tokenizer (DAC acoustic branch + HuBERT semantic branch)
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    DacFeatureExtractor,
+    HiggsAudioV2Config,
+    HiggsAudioV2ForConditionalGeneration,
+    HiggsAudioV2TokenizerConfig,
+    HiggsAudioV2TokenizerModel,
+    PreTrainedTokenizerFast,
+)
+
+SAMPLE_RATE = 24_000
+HOP_LENGTH = 960  # 25 frames per second, as in the real tokenizer
+TINY_CODES = 16  # codes per codebook in the tiny audio tokenizer
+TINY_CODEBOOKS = 4
+
+# Special tokens of the Higgs Audio v2 text tokenizer that prompts and the processor use.
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
+SPECIAL_TOKENS = [
+    BOS,
+    EOS,
+    PAD,
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|scene_desc_start|>",
+    "<|scene_desc_end|>",
+    "<|audio_out_bos|>",
+    "<|audio_eos|>",
+    "<|AUDIO_OUT|>",
+    "<|reserved_special_token_6|>",
+    "<SE>",
+    "</SE>",
+    "<SE_s>",
+    "</SE_s>",
+    "<SE_e>",
+    "</SE_e>",
+]
+
+# The conversation format documented for Higgs Audio v2 in transformers: a system turn
+# (optionally followed by a scene turn whose text and reference clips go inside the scene
+# markers), then user text turns and assistant audio turns; the generation prompt opens an
+# assistant turn with <|audio_out_bos|>.
+CHAT_TEMPLATE = (files(__package__) / "chat_template.jinja").read_text(encoding="utf-8")
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Generate audio following instruction.",
+    "You are an AI assistant designed to convert text into speech.",
+    "Hello, world! How are you today? Fine, thanks.",
+    "SPEAKER0: feminine. SPEAKER1: masculine. [SPEAKER0] [SPEAKER1]",
+    "Audio is recorded in a quiet room. 0123456789",
+]
+
+
+def build_text_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer: any UTF-8 text encodes, nothing is downloaded."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_audio_tokenizer(seed: int = 0) -> HiggsAudioV2TokenizerModel:
+    """A tiny audio tokenizer with the real frame rate (25 Hz) and TINY_CODEBOOKS codebooks."""
+    torch.manual_seed(seed)
+    bits = (TINY_CODES - 1).bit_length()
+    frame_rate = SAMPLE_RATE // HOP_LENGTH
+    config = HiggsAudioV2TokenizerConfig(
+        # num_quantizers = 1000 * bandwidth // (frame_rate * bits)
+        target_bandwidths=[TINY_CODEBOOKS * frame_rate * bits / 1000],
+        sample_rate=SAMPLE_RATE,
+        codebook_size=TINY_CODES,
+        codebook_dim=8,
+        acoustic_model_config={
+            "encoder_hidden_size": 4,
+            "downsampling_ratios": [8, 5, 4, 2, 3],
+            "decoder_hidden_size": 32,  # divisible by 2 ** len(upsampling_ratios)
+            "upsampling_ratios": [8, 5, 4, 2, 3],
+            "hidden_size": 16,
+            "sampling_rate": SAMPLE_RATE,
+            "hop_length": HOP_LENGTH,
+        },
+        semantic_model_config={
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "conv_dim": [8] * 7,
+            "num_conv_pos_embeddings": 16,
+            "num_conv_pos_embedding_groups": 2,
+        },
+    )
+    return HiggsAudioV2TokenizerModel(config).eval()
+
+
+def build_model(text_tokenizer: PreTrainedTokenizerFast, seed: int = 0):
+    """A two-layer generation model whose audio vocabulary matches the tiny audio tokenizer."""
+    torch.manual_seed(seed)
+    ids = text_tokenizer.convert_tokens_to_ids
+    config = HiggsAudioV2Config(
+        vocab_size=len(text_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=8192,
+        num_codebooks=TINY_CODEBOOKS,
+        codebook_size=TINY_CODES + 2,  # the codes plus stream BOS and EOS
+        audio_stream_bos_id=TINY_CODES,
+        audio_stream_eos_id=TINY_CODES + 1,
+        audio_token_id=ids("<|AUDIO_OUT|>"),
+        audio_bos_token_id=ids("<|audio_out_bos|>"),
+        audio_delay_token_id=ids("<|reserved_special_token_6|>"),
+        bos_token_id=ids(BOS),
+        eos_token_id=ids("<|eot_id|>"),
+        pad_token_id=ids(PAD),
+    )
+    model = HiggsAudioV2ForConditionalGeneration(config).eval()
+    # Random weights give near-uniform logits, so the stream EOS code would end audio after a
+    # dozen frames. Sharpen the audio head and give the stream BOS/EOS rows a zero logit:
+    # the tiny model then talks until max_new_tokens, which makes lengths predictable.
+    with torch.no_grad():
+        head = model.audio_lm_head.weight.view(TINY_CODEBOOKS, TINY_CODES + 2, -1)
+        head.mul_(100.0)
+        head[:, TINY_CODES:, :] = 0.0
+    return model
+
+
+def make_tiny_model(directory: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write DIR/model and DIR/tokenizer; returns (model_path, tokenizer_path)."""
+    model_dir, tokenizer_dir = directory / "model", directory / "tokenizer"
+    text_tokenizer = build_text_tokenizer()
+    build_model(text_tokenizer, seed).save_pretrained(model_dir)
+    text_tokenizer.save_pretrained(model_dir)
+    DacFeatureExtractor(sampling_rate=SAMPLE_RATE, hop_length=HOP_LENGTH).save_pretrained(model_dir)
+    processor_config = {
+        "processor_class": "HiggsAudioV2Processor",
+        "audio_stream_bos_id": TINY_CODES,
+        "audio_stream_eos_id": TINY_CODES + 1,
+        "audio_tokenizer": str(tokenizer_dir),
+    }
+    (model_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
+    (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    build_audio_tokenizer(seed).save_pretrained(tokenizer_dir)
+    (directory / "README.txt").write_text(
+        "Tiny randomly initialised Higgs Audio v2 checkpoint made by `higgs-runpod "
+        "make-tiny-model`.\nIt has the real architecture but untrained weights: it speaks "
+        "noise. Use it to try the API offline and in tests.\n"
+    )
+    return model_dir, tokenizer_dir

@@ -1,0 +1,154 @@
+"""Reference voices: the preset library on disk and clips sent with a request.
+
+Every voice a request can name ends up as one of two things the prompt builder uses:
+a `ReferenceClip` (24 kHz mono samples plus their transcript, for cloning) or a
+`VoiceDescription` (words describing the voice). Clip bytes come from the library
+(`VOICES_PATH/NAME.wav|flac|mp3` with `NAME.txt`), from base64 in the request, or from an
+https URL fetched with a size cap, a timeout and no private addresses.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+
+from . import audio
+from .errors import RequestError
+from .schema import CloneFromBase64, CloneFromUrl, DescribedVoice, Voice
+from .settings import Settings
+
+SAMPLE_RATE = 24_000
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+MIN_CLIP_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class ReferenceClip:
+    samples: np.ndarray  # float32 mono at SAMPLE_RATE
+    transcript: str
+
+
+@dataclass(frozen=True)
+class VoiceDescription:
+    text: str
+
+
+ResolvedVoice = ReferenceClip | VoiceDescription
+
+
+@dataclass(frozen=True)
+class LibraryVoice:
+    name: str
+    audio_path: Path
+    transcript_path: Path
+
+
+def list_library(voices_path: Path) -> list[LibraryVoice]:
+    """Voices in the library: an audio file with a transcript beside it, sorted by name."""
+    if not voices_path.is_dir():
+        return []
+    found: dict[str, LibraryVoice] = {}
+    for path in sorted(voices_path.iterdir()):
+        transcript = path.with_suffix(".txt")
+        if path.suffix.lower() in AUDIO_SUFFIXES and transcript.is_file():
+            found.setdefault(path.stem, LibraryVoice(path.stem, path, transcript))
+    return list(found.values())
+
+
+class VoiceResolver:
+    """Turns request voices into clips and descriptions, enforcing the settings' limits."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def resolve(self, voice: Voice, field: str) -> ResolvedVoice:
+        if isinstance(voice, str):
+            return self._preset(voice, field)
+        if isinstance(voice, DescribedVoice):
+            return VoiceDescription(voice.description)
+        if isinstance(voice, CloneFromBase64):
+            data = self._base64(voice.audio_base64, f"{field}.audio_base64")
+            return self._clip(data, voice.transcript, f"{field}.audio_base64")
+        if isinstance(voice, CloneFromUrl):
+            data = self._download(voice.audio_url, f"{field}.audio_url")
+            return self._clip(data, voice.transcript, f"{field}.audio_url")
+        raise TypeError(f"unknown voice type {type(voice).__name__}")
+
+    def _preset(self, name: str, field: str) -> ReferenceClip:
+        for entry in list_library(self.settings.voices_path):
+            if entry.name == name:
+                transcript = entry.transcript_path.read_text(encoding="utf-8").strip()
+                return self._clip(entry.audio_path.read_bytes(), transcript, field)
+        known = ", ".join(v.name for v in list_library(self.settings.voices_path)) or "none"
+        raise RequestError(field, f"unknown voice {name!r} (library voices: {known})")
+
+    def _base64(self, text: str, field: str) -> bytes:
+        limit = self.settings.max_ref_audio_bytes
+        if len(text) > (limit * 4) // 3 + 4:
+            raise RequestError(field, f"is larger than {limit} bytes")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(field, "is not valid base64") from None
+
+    def _clip(self, data: bytes, transcript: str, field: str) -> ReferenceClip:
+        limit = self.settings.max_ref_audio_bytes
+        if len(data) > limit:
+            raise RequestError(field, f"is larger than {limit} bytes")
+        max_seconds = self.settings.max_ref_audio_seconds
+        try:
+            decoded = audio.decode(data, SAMPLE_RATE, max_seconds=max_seconds)
+        except audio.AudioDecodeError as error:
+            raise RequestError(field, f"audio {error}") from None
+        if decoded.duration_s < MIN_CLIP_SECONDS:
+            raise RequestError(field, f"audio is shorter than {MIN_CLIP_SECONDS} seconds")
+        return ReferenceClip(decoded.samples, transcript)
+
+    def _download(self, url: str, field: str) -> bytes:
+        self._check_url(url, field)
+        limit = self.settings.max_ref_audio_bytes
+        try:
+            with (
+                httpx.Client(timeout=self.settings.audio_url_timeout_s) as client,
+                client.stream("GET", url, follow_redirects=False) as response,
+            ):
+                if response.status_code != 200:
+                    raise RequestError(field, f"download failed with HTTP {response.status_code}")
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) > limit:
+                        raise RequestError(field, f"is larger than {limit} bytes")
+                return bytes(data)
+        except httpx.TimeoutException:
+            raise RequestError(
+                field, f"download timed out after {self.settings.audio_url_timeout_s:g} s"
+            ) from None
+        except httpx.HTTPError as error:
+            raise RequestError(field, f"download failed ({type(error).__name__})") from None
+
+    def _check_url(self, url: str, field: str) -> None:
+        parts = urlsplit(url)
+        allowed = ("https", "http") if self.settings.allow_http_audio_urls else ("https",)
+        if parts.scheme not in allowed:
+            raise RequestError(field, f"must be an {' or '.join(allowed)} URL")
+        if not parts.hostname:
+            raise RequestError(field, "has no host")
+        if self.settings.allow_private_audio_urls:
+            return
+        try:
+            infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            raise RequestError(field, "host could not be resolved") from None
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0])
+            if not address.is_global:
+                raise RequestError(field, "resolves to a private or loopback address")
