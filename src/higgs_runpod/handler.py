@@ -15,6 +15,7 @@ import asyncio
 import base64
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from . import audio
@@ -26,6 +27,36 @@ from .settings import Settings, load_settings
 from .voices import VoiceResolver
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Speech:
+    """Encoded audio for one request, with what the caller may want to know about it."""
+
+    audio: bytes
+    format: str
+    sample_rate: int
+    duration_s: float
+    synthesis: Synthesis
+    timings_ms: dict[str, float]
+
+    def metadata(self) -> dict[str, Any]:
+        """Every response field except the audio itself (see the README's response table)."""
+        busy_s = (self.timings_ms["generate"] + self.timings_ms["decode"]) / 1000.0
+        return {
+            "format": self.format,
+            "content_type": audio.CONTENT_TYPES[self.format],
+            "sample_rate": self.sample_rate,
+            "duration_s": round(self.duration_s, 3),
+            "seed": self.synthesis.seed,
+            "usage": {
+                "prompt_tokens": self.synthesis.prompt_tokens,
+                "generated_tokens": self.synthesis.generated_tokens,
+                "audio_frames": self.synthesis.frames,
+            },
+            "timings_ms": {name: round(value, 1) for name, value in self.timings_ms.items()},
+            "real_time_factor": round(busy_s / self.duration_s, 4) if self.duration_s else None,
+        }
 
 
 class Worker:
@@ -53,11 +84,15 @@ class Worker:
                              "the worker log has the details"}  # fmt: skip
 
     async def _run(self, raw_input: Any) -> dict[str, Any]:
-        started = time.perf_counter()
         request = parse_request(raw_input, self.settings)
-        resolve_start = time.perf_counter()
+        speech = await self.speak(request)
+        return {"audio_base64": base64.b64encode(speech.audio).decode("ascii"), **speech.metadata()}
+
+    async def speak(self, request: SpeechRequest) -> Speech:
+        """A validated request to encoded audio; the model runs off the event loop."""
+        started = time.perf_counter()
         conversation = await asyncio.to_thread(self._conversation, request)
-        resolve_ms = (time.perf_counter() - resolve_start) * 1000.0
+        resolve_ms = (time.perf_counter() - started) * 1000.0
         load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
         synthesis = await asyncio.to_thread(
             self.engine.synthesize, conversation, _sampling(request)
@@ -66,19 +101,19 @@ class Worker:
         samples = audio.resample(synthesis.samples, synthesis.sample_rate, request.sample_rate)
         encoded = audio.encode(samples, request.sample_rate, request.format)
         encode_ms = (time.perf_counter() - encode_start) * 1000.0
-        total_ms = (time.perf_counter() - started) * 1000.0
-        return _response(
-            request,
-            synthesis,
-            encoded,
+        return Speech(
+            audio=encoded,
+            format=request.format,
+            sample_rate=request.sample_rate,
             duration_s=len(samples) / request.sample_rate,
+            synthesis=synthesis,
             timings_ms={
                 "load": load_ms,
                 "prepare": resolve_ms + synthesis.prepare_ms,
                 "generate": synthesis.generate_ms,
                 "decode": synthesis.decode_ms,
                 "encode": encode_ms,
-                "total": total_ms,
+                "total": (time.perf_counter() - started) * 1000.0,
             },
         )
 
@@ -108,31 +143,6 @@ def _sampling(request: SpeechRequest) -> SamplingParams:
         ras_win_len=request.ras_win_len,
         ras_win_max_num_repeat=request.ras_win_max_num_repeat,
     )
-
-
-def _response(
-    request: SpeechRequest,
-    synthesis: Synthesis,
-    encoded: bytes,
-    duration_s: float,
-    timings_ms: dict[str, float],
-) -> dict[str, Any]:
-    busy_s = (timings_ms["generate"] + timings_ms["decode"]) / 1000.0
-    return {
-        "audio_base64": base64.b64encode(encoded).decode("ascii"),
-        "format": request.format,
-        "content_type": audio.CONTENT_TYPES[request.format],
-        "sample_rate": request.sample_rate,
-        "duration_s": round(duration_s, 3),
-        "seed": synthesis.seed,
-        "usage": {
-            "prompt_tokens": synthesis.prompt_tokens,
-            "generated_tokens": synthesis.generated_tokens,
-            "audio_frames": synthesis.frames,
-        },
-        "timings_ms": {name: round(value, 1) for name, value in timings_ms.items()},
-        "real_time_factor": round(busy_s / duration_s, 4) if duration_s else None,
-    }
 
 
 _worker: Worker | None = None

@@ -1,0 +1,144 @@
+"""Shared fixtures: a tiny real checkpoint, settings pointing at it, and a live local server.
+
+Everything runs on the CPU with the real transformers classes; the only network is
+loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+
+from higgs_runpod.engine import Engine
+from higgs_runpod.handler import Worker
+from higgs_runpod.settings import Settings, load_settings
+from higgs_runpod.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(MODEL_PATH, TOKENIZER_PATH) of a tiny random checkpoint built once per session."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def voices_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A voice library with one preset, `alice`."""
+    directory = tmp_path_factory.mktemp("voices")
+    (directory / "alice.wav").write_bytes(make_wav(seconds=1.5))
+    (directory / "alice.txt").write_text("Hello, I am Alice.\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def base_env(tiny_checkpoint: tuple[Path, Path], voices_dir: Path) -> dict[str, str]:
+    model_path, tokenizer_path = tiny_checkpoint
+    return {
+        "MODEL_PATH": str(model_path),
+        "TOKENIZER_PATH": str(tokenizer_path),
+        "VOICES_PATH": str(voices_dir),
+        "DEVICE": "cpu",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(base_env: dict[str, str]) -> Settings:
+    return load_settings(base_env)
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Engine:
+    engine = Engine(settings)
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, engine: Engine) -> Worker:
+    return Worker(settings, engine)
+
+
+def make_wav(seconds: float = 1.0, sample_rate: int = 24_000, freq: float = 220.0) -> bytes:
+    """A sine tone as 16-bit WAV bytes."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    buffer = io.BytesIO()
+    soundfile.write(buffer, 0.3 * np.sin(2 * np.pi * freq * t), sample_rate, format="WAV")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalServer:
+    """`higgs-runpod serve` in a subprocess: RunPod's real local API server."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "higgs_runpod.cli", "serve", "--port", str(self.port)]
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log()}")
+            try:
+                httpx.get(f"{self.url}/docs", timeout=1.0)
+                return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise TimeoutError(f"server not ready:\n{self.log()}")
+
+    def runsync(self, job_input: dict, timeout: float = 120.0) -> dict:
+        response = httpx.post(f"{self.url}/runsync", json={"input": job_input}, timeout=timeout)
+        response.raise_for_status()
+        return response.json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def local_server(
+    base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServer]:
+    """A worker serving the tiny model on loopback; http and private URLs allowed for tests."""
+    env = {**base_env, "ALLOW_HTTP_AUDIO_URLS": "1", "ALLOW_PRIVATE_AUDIO_URLS": "1"}
+    server = LocalServer(env, tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
