@@ -22,11 +22,21 @@ def test_response_fields(worker: Worker) -> None:
     output = run(worker, {"text": "Hello", "max_new_tokens": 25, "seed": 3})
     assert set(output) == {
         "audio_base64", "format", "content_type", "sample_rate", "duration_s", "seed",
-        "usage", "timings_ms", "real_time_factor",
+        "usage", "chunks", "timings_ms", "real_time_factor",
     }  # fmt: skip
     assert (output["format"], output["content_type"], output["seed"]) == ("wav", "audio/wav", 3)
     assert set(output["timings_ms"]) == {"load", "prepare", "generate", "decode", "encode", "total"}
     assert output["usage"]["generated_tokens"] == 25
+    assert output["chunks"] == [
+        {
+            "index": 0,
+            "text_start": 0,
+            "text_end": 5,
+            "frames": output["usage"]["audio_frames"],
+            "duration_s": output["duration_s"],
+            "generate_ms": output["chunks"][0]["generate_ms"],
+        }
+    ]
     frames = output["usage"]["audio_frames"]
     assert output["duration_s"] == pytest.approx(frames * 0.04)
     clip = decode(base64.b64decode(output["audio_base64"]), 24_000)

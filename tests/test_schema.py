@@ -11,7 +11,9 @@ from higgs_runpod.settings import Settings, load_settings
 
 @pytest.fixture(scope="module")
 def small_limits() -> Settings:
-    return load_settings({"MAX_TEXT_CHARS": "50", "MAX_NEW_TOKENS_LIMIT": "100"})
+    return load_settings(
+        {"MAX_TEXT_CHARS": "50", "MAX_LONG_TEXT_CHARS": "80", "MAX_NEW_TOKENS_LIMIT": "100"}
+    )
 
 
 def test_defaults_follow_upstream_serving(small_limits: Settings) -> None:
@@ -37,7 +39,11 @@ def test_voice_variants_are_recognised(small_limits: Settings) -> None:
     [
         ({}, "text", "is required"),
         ({"text": "   "}, "text", "must not be empty"),
-        ({"text": "x" * 51}, "text", "the limit is 50"),
+        ({"text": "x" * 51, "chunking": {"method": "none"}}, "text", "the limit is 50"),
+        ({"text": "x" * 81}, "text", "the limit with chunking is 80"),
+        ({"text": "a", "chunking": {"method": "sentence"}}, "chunking.method", "'auto'"),
+        ({"text": "a", "chunking": {"max_words": 5}}, "chunking.max_words", "greater than or equal to 10"),
+        ({"text": "a", "stream": True, "format": "mp3"}, "format", "streaming supports wav and pcm"),
         ({"text": "a", "colour": "red"}, "colour", "unknown field"),
         ({"text": 5}, "text", "valid string"),
         ({"text": "a", "seed": "7"}, "seed", "valid integer"),

@@ -133,7 +133,8 @@ def test_pcm_is_raw_samples(local_server: LocalServer) -> None:
     [
         ({}, "text: is required"),
         ({"text": ""}, "text: must not be empty"),
-        ({"text": "x" * 2001}, "text: is 2001 characters long; the limit is 2000"),
+        ({"text": "x" * 2001, "chunking": {"method": "none"}}, "text: is 2001 characters long; the limit is 2000"),
+        ({"text": "a", "stream": True}, "stream: this endpoint streams only when started with ENABLE_STREAMING=true"),
         ({"text": "a", "volume": 3}, "volume: unknown field"),
         ({"text": ["a"]}, "text: input should be a valid string"),
         ({"text": "a", "temperature": "hot"}, "temperature: input should be a valid number"),

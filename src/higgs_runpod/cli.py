@@ -20,13 +20,16 @@ def _start_runpod(rp_args: list[str]) -> None:
     """Load the model (unless LAZY_LOAD), then hand the handler to RunPod's worker loop."""
     import runpod
 
-    from .handler import get_worker, handler
+    from .handler import get_worker, handler, stream_handler
 
     worker = get_worker()
     if not worker.settings.lazy_load:
         log.info("loaded in %.1f s", worker.engine.load())
     sys.argv = [sys.argv[0], *rp_args]  # runpod reads its own flags from argv
-    runpod.serverless.start({"handler": handler})
+    if worker.settings.enable_streaming:
+        runpod.serverless.start({"handler": stream_handler, "return_aggregate_stream": True})
+    else:
+        runpod.serverless.start({"handler": handler})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -158,7 +158,7 @@ class Engine:
         self.decoder_context_frames = receptive_field_frames(
             self.decode_codes, model.config.num_codebooks
         )
-        log.info("model loaded: %.1fM parameters", model.num_parameters() / 1e6)
+        log.info("model loaded: %s parameters", f"{model.num_parameters():,}")
 
     def synthesize(
         self,

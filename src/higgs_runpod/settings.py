@@ -42,7 +42,10 @@ class Settings(BaseSettings):
         default=False, description="Load the model on the first request instead of at start."
     )
     voices_path: Path = Field(default_factory=_default_voices_path)
-    max_text_chars: int = Field(default=2000, ge=1)
+    max_text_chars: int = Field(default=2000, ge=1, description="Longest text said in one go.")
+    max_long_text_chars: int = Field(
+        default=100_000, ge=1, description="Longest text when chunking is on (the default)."
+    )
     max_new_tokens_limit: int = Field(default=2048, ge=1)
     max_ref_audio_bytes: int = Field(default=10_000_000, ge=1)
     max_ref_audio_seconds: float = Field(default=30.0, gt=0)
@@ -50,6 +53,17 @@ class Settings(BaseSettings):
     allow_http_audio_urls: bool = Field(default=False, description="Allow plain http:// URLs.")
     allow_private_audio_urls: bool = Field(
         default=False, description="Allow URLs that resolve to private or loopback addresses."
+    )
+    enable_streaming: bool = Field(
+        default=False,
+        description="Start the streaming handler (a generator): `stream: true` jobs stream "
+        "through /stream, and every job's output becomes a list.",
+    )
+    stream_first_frames: int = Field(
+        default=5, ge=1, description="Frames (40 ms each) in the first streamed piece."
+    )
+    stream_piece_frames: int = Field(
+        default=25, ge=1, le=100, description="Frames in each later streamed piece."
     )
 
 

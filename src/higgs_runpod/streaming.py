@@ -10,10 +10,14 @@ many frames of context on both sides and only its own samples are kept.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
+import av
 import numpy as np
 import torch
+
+from .audio import to_pcm16
 
 
 class DelayAligner:
@@ -109,3 +113,62 @@ def receptive_field_frames(decode: Decode, codebooks: int, frames: int = 64) -> 
         return 0
     reach = int(max(frames // 2 - touched[0], touched[-1] - frames // 2))
     return reach + 1
+
+
+class PieceEncoder:
+    """Float samples in, bytes of the streamed format out, one piece at a time.
+
+    `wav` opens with a WAV header whose lengths are left open (0xFFFFFFFF, as streaming
+    players expect), then raw 16-bit PCM; `pcm` is the raw PCM alone. Joined, the pieces
+    are one playable file. Resampling keeps its filter state across pieces (FFmpeg's
+    resampler), so pieces join without seams at any rate.
+    """
+
+    def __init__(self, audio_format: str, source_rate: int, sample_rate: int) -> None:
+        self.format = audio_format
+        self.sample_rate = sample_rate
+        self.header_sent = audio_format != "wav"
+        self.resampler = (
+            av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+            if sample_rate != source_rate
+            else None
+        )
+        self.source_rate = source_rate
+        self.samples_out = 0
+
+    def encode(self, samples: np.ndarray, final: bool = False) -> bytes:
+        if self.resampler is None:
+            pcm = to_pcm16(samples).tobytes()
+        else:
+            pcm = b"".join(bytes(frame.planes[0]) for frame in self._resample(samples, final))
+        self.samples_out += len(pcm) // 2
+        if not self.header_sent:
+            self.header_sent = True
+            return wav_header(self.sample_rate) + pcm
+        return pcm
+
+    def _resample(self, samples: np.ndarray, final: bool) -> list[av.AudioFrame]:
+        assert self.resampler is not None
+        frames = []
+        if len(samples):
+            frame = av.AudioFrame.from_ndarray(
+                to_pcm16(samples).reshape(1, -1), format="s16", layout="mono"
+            )
+            frame.sample_rate = self.source_rate
+            frames += self.resampler.resample(frame)
+        if final:
+            frames += self.resampler.resample(None)
+        return frames
+
+
+def wav_header(sample_rate: int) -> bytes:
+    """A 16-bit mono WAV header with open lengths, for audio of unknown duration."""
+    open_length = 0xFFFFFFFF
+    return (
+        b"RIFF"
+        + struct.pack("<I", open_length)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", open_length)
+    )
