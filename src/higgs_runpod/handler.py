@@ -2,7 +2,7 @@
 
     input --schema.parse_request--> SpeechRequest --voices--> clips / descriptions
           --prompts--> conversation --engine (off the event loop)--> samples
-          --audio.encode--> response
+          --audio.encode--> Speech --storage (inline base64 or S3 upload)--> response
 
 Every failure becomes RunPod's failed-job shape `{"error": "..."}` here and nowhere else:
 request errors name the field and the limit; internal errors give a short message and
@@ -12,7 +12,6 @@ log the detail. The worker keeps serving after either.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from .errors import HiggsRunpodError, RequestError
 from .prompts import build_conversation
 from .schema import SpeechRequest, parse_request
 from .settings import Settings, load_settings
+from .storage import Storage
 from .voices import VoiceResolver
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,13 @@ class Worker:
         self.settings = settings
         self.engine = engine or Engine(settings)
         self.voices = VoiceResolver(settings)
+        self.storage = Storage(settings)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job; never raises (RunPod would send the traceback to the caller)."""
         job_id = str(job.get("id", "local"))
         try:
-            return await self._run(job.get("input"))
+            return await self._run(job)
         except RequestError as error:
             log.info("job %s rejected: %s", job_id, error)
             return {"error": str(error)}
@@ -83,10 +84,13 @@ class Worker:
             return {"error": f"internal error while generating speech (job {job_id}); "
                              "the worker log has the details"}  # fmt: skip
 
-    async def _run(self, raw_input: Any) -> dict[str, Any]:
-        request = parse_request(raw_input, self.settings)
+    async def _run(self, job: dict[str, Any]) -> dict[str, Any]:
+        request = parse_request(job.get("input"), self.settings)
+        # RunPod passes s3Config at the top level of the job, beside input.
+        plan = self.storage.plan(request.output, job.get("s3Config"))
         speech = await self.speak(request)
-        return {"audio_base64": base64.b64encode(speech.audio).decode("ascii"), **speech.metadata()}
+        delivered = await self.storage.deliver(plan, speech.audio, speech.format, job.get("id"))
+        return {**delivered, **speech.metadata()}
 
     async def speak(self, request: SpeechRequest) -> Speech:
         """A validated request to encoded audio; the model runs off the event loop."""

@@ -123,6 +123,7 @@ class SpeechRequest(_Strict):
     ras_win_max_num_repeat: int = Field(default=2, ge=1, le=64)
     format: AudioFormat = "wav"
     sample_rate: int = 24_000
+    output: Literal["inline", "s3"] | None = None  # None: s3 when a bucket is configured
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
