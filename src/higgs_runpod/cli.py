@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
 
 def _start_runpod(rp_args: list[str]) -> None:
     """Load the model (unless LAZY_LOAD), then hand the handler to RunPod's worker loop."""
+    # RunPod's logger defaults to DEBUG and then prints every job's whole output: base64
+    # audio by the megabyte and presigned URLs. It reads the level once, at import.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod
 
     from .handler import get_worker, handler
@@ -85,8 +89,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_speak(args: argparse.Namespace) -> int:
     """Call a deployed endpoint (or a local `serve`) and write the audio to a file."""
-    import os
-
     from .client import ClientError, Endpoint, JobFailed, JobUpdate, save_audio
 
     job_input = synth_input(args)
@@ -100,13 +102,16 @@ def cmd_speak(args: argparse.Namespace) -> int:
         endpoint = Endpoint(args.url, api_key, max_wait_s=args.max_wait)
     else:
         endpoint = Endpoint.from_id(args.endpoint, api_key, max_wait_s=args.max_wait)
-    seen: list[tuple[str, object]] = []
+    last: dict[str, object] = {"state": None, "queued": None}
 
     def show(update: JobUpdate) -> None:
-        state = (update.status, update.progress, update.queued)
-        if seen and seen[-1] == state:
+        """One line per change of status, progress or queue length (not per poll)."""
+        state = (update.status, update.progress)
+        if state == last["state"] and update.queued in (None, last["queued"]):
             return
-        seen.append(state)
+        last["state"] = state
+        if update.queued is not None:
+            last["queued"] = update.queued
         line = f"job {update.job_id}: {update.status} ({update.elapsed_s:.0f} s)"
         if update.queued is not None:
             line += f", {update.queued} job(s) queued on the endpoint"
@@ -116,11 +121,14 @@ def cmd_speak(args: argparse.Namespace) -> int:
 
     try:
         with endpoint:
-            output = endpoint.run(job_input, on_update=show)
+            job_id = endpoint.submit(job_input)
+            try:
+                output = endpoint.wait(job_id, on_update=show)
+            except KeyboardInterrupt:
+                done = "was cancelled" if endpoint.cancel(job_id) else "could not be cancelled"
+                print(f"interrupted: job {job_id} {done}", file=sys.stderr)  # noqa: T201
+                return 130
         size = save_audio(output, args.output)
-    except KeyboardInterrupt:
-        print("interrupted: the job was cancelled", file=sys.stderr)  # noqa: T201
-        return 130
     except (JobFailed, ClientError) as error:
         print(f"error: {error}", file=sys.stderr)  # noqa: T201
         return 1

@@ -147,11 +147,11 @@ class Endpoint:
             if status in TERMINAL:
                 raise JobFailed(job_id, status, _failure_message(job))
             if time.monotonic() + delay > deadline:
-                self.cancel(job_id)
+                outcome = "was cancelled" if self.cancel(job_id) else "could not be cancelled"
                 raise JobFailed(
                     job_id, "CLIENT_TIMEOUT",
-                    f"still {status} after {self.max_wait_s:.0f} s; the job was cancelled "
-                    "(raise the wait with --max-wait)",
+                    f"still {status} after {self.max_wait_s:.0f} s; the job {outcome} "
+                    "(wait longer with --max-wait / max_wait_s)",
                 )  # fmt: skip
             time.sleep(delay)
             delay = min(delay * 1.5, self.max_poll_s)

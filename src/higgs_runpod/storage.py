@@ -20,6 +20,7 @@ import base64
 import functools
 import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -124,11 +125,13 @@ class Storage:
             )
         key = object_key(self.settings.s3_prefix, job_id, fmt)
         expires = self.settings.s3_url_expires
+        started = time.perf_counter()
         url = await asyncio.to_thread(
             upload, plan.bucket, key, data, audio.CONTENT_TYPES[fmt], expires
         )
         uri = f"s3://{plan.bucket.name}/{key}"
-        log.info("job %s: uploaded %d bytes to %s", job_id, len(data), uri)
+        upload_ms = (time.perf_counter() - started) * 1000.0
+        log.info("job %s: uploaded %d bytes to %s in %.0f ms", job_id, len(data), uri, upload_ms)
         return {
             "delivery": "s3",
             "audio_url": url,
