@@ -159,7 +159,10 @@ class Endpoint:
     def status(self, job_id: str, deadline: float) -> dict[str, Any]:
         """One status call; against the local server, POST runs the job and may take long."""
         path = f"/status/{job_id}"
-        response = self._call(self._status_method, path, deadline, allow={405})
+        # A POST that timed out would be retried, and the local server would run the job
+        # again: give it all the time that is left instead.
+        timeout = _remaining(deadline) if self._status_method == "POST" else None
+        response = self._call(self._status_method, path, deadline, allow={405}, timeout=timeout)
         if response.status_code == 405 and self._status_method == "GET":
             self._status_method = "POST"
             response = self._call("POST", path, deadline, timeout=_remaining(deadline))

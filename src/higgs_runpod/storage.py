@@ -83,7 +83,8 @@ class Storage:
         self.settings = settings
         self.bucket, self.missing = bucket_from_settings(settings)
         if self.bucket is not None:
-            where = self.bucket.endpoint_url or "AWS"
+            endpoint = self.bucket.endpoint_url
+            where = urlsplit(endpoint).netloc.rpartition("@")[2] if endpoint else "AWS"
             log.info("S3 output on: bucket %r at %s", self.bucket.name, where)
         elif self.missing:
             log.warning(
