@@ -21,8 +21,8 @@ def run(worker: Worker, job_input: object) -> dict:
 def test_response_fields(worker: Worker) -> None:
     output = run(worker, {"text": "Hello", "max_new_tokens": 25, "seed": 3})
     assert set(output) == {
-        "audio_base64", "format", "content_type", "sample_rate", "duration_s", "seed",
-        "usage", "chunks", "timings_ms", "real_time_factor",
+        "delivery", "audio_base64", "size_bytes", "format", "content_type", "sample_rate",
+        "duration_s", "seed", "usage", "chunks", "timings_ms", "real_time_factor",
     }  # fmt: skip
     assert (output["format"], output["content_type"], output["seed"]) == ("wav", "audio/wav", 3)
     assert set(output["timings_ms"]) == {"load", "prepare", "generate", "decode", "encode", "total"}

@@ -2,7 +2,8 @@
 
     input --schema.parse_request--> SpeechRequest --voices--> clips / descriptions
           --chunking--> chunks --longform + engine (off the event loop)--> codes
-          --decode--> samples --audio.encode--> response (or streamed pieces)
+          --decode--> samples --audio.encode--> Speech
+          --storage (inline base64 or S3 upload)--> response (or streamed pieces)
 
 `handler` returns one JSON object per job. `stream_handler` (ENABLE_STREAMING) is an
 async generator, which is what RunPod needs to stream: `stream: true` jobs yield audio
@@ -36,6 +37,7 @@ from .longform import LongSynthesis, MakeConversation, synthesize_chunks
 from .prompts import build_conversation
 from .schema import SpeechRequest, parse_request
 from .settings import Settings, load_settings
+from .storage import Storage
 from .streaming import PieceDecoder, PieceEncoder
 from .voices import VoiceResolver
 
@@ -79,6 +81,7 @@ class Worker:
         self.settings = settings
         self.engine = engine or Engine(settings)
         self.voices = VoiceResolver(settings)
+        self.storage = Storage(settings)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job to a single response; never raises (RunPod would send a traceback)."""
@@ -88,8 +91,7 @@ class Worker:
                 raise RequestError(
                     "stream", "this endpoint streams only when started with ENABLE_STREAMING=true"
                 )
-            speech = await self.speak(request, progress=_progress_reporter(job))
-            return {"audio_base64": _b64(speech.audio), **speech.metadata()}
+            return await self._respond(job, request)
         except Exception as error:
             return {"error": _message(error, job)}
 
@@ -101,10 +103,17 @@ class Worker:
                 async for item in self.stream(request, progress=_progress_reporter(job)):
                     yield item
             else:
-                speech = await self.speak(request, progress=_progress_reporter(job))
-                yield {"audio_base64": _b64(speech.audio), **speech.metadata()}
+                yield await self._respond(job, request)
         except Exception as error:
             yield {"error": _message(error, job)}
+
+    async def _respond(self, job: dict[str, Any], request: SpeechRequest) -> dict[str, Any]:
+        """One job's complete response: the audio delivered inline or to S3, and metadata."""
+        # RunPod passes s3Config at the top level of the job, beside input.
+        delivery = self.storage.plan(request.output, job.get("s3Config"))
+        speech = await self.speak(request, progress=_progress_reporter(job))
+        delivered = await self.storage.deliver(delivery, speech.audio, speech.format, job.get("id"))
+        return {**delivered, **speech.metadata()}
 
     async def speak(self, request: SpeechRequest, progress: Progress | None = None) -> Speech:
         """A validated request to encoded audio; the model runs off the event loop."""

@@ -135,6 +135,7 @@ class SpeechRequest(_Strict):
     sample_rate: int = 24_000
     chunking: ChunkingOptions = ChunkingOptions()
     stream: bool = False
+    output: Literal["inline", "s3"] | None = None  # None: s3 when a bucket is configured
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod

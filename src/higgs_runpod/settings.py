@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VOLUME = Path("/runpod-volume")
@@ -64,6 +64,36 @@ class Settings(BaseSettings):
     )
     stream_piece_frames: int = Field(
         default=25, ge=1, le=100, description="Frames in each later streamed piece."
+    )
+    s3_bucket: str | None = Field(
+        default=None, description="Bucket for audio output; with credentials, enables output=s3."
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (R2, MinIO, RunPod); unset: AWS."
+    )
+    s3_prefix: str = Field(default="higgs-runpod/", description="Key prefix of uploaded audio.")
+    s3_url_expires: int = Field(
+        default=3600, ge=1, le=604_800, description="Lifetime of presigned URLs, seconds."
+    )
+    aws_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id.")
+    aws_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    aws_default_region: str | None = Field(
+        default=None, description="S3 region; unset: from an AWS endpoint URL, else us-east-1."
+    )
+    bucket_endpoint_url: str | None = Field(
+        default=None, description="RunPod's name for S3_ENDPOINT_URL (used when that is unset)."
+    )
+    bucket_access_key_id: SecretStr | None = Field(
+        default=None, description="RunPod's name for AWS_ACCESS_KEY_ID."
+    )
+    bucket_secret_access_key: SecretStr | None = Field(
+        default=None, description="RunPod's name for AWS_SECRET_ACCESS_KEY."
+    )
+    max_inline_audio_bytes: int = Field(
+        default=7_000_000,
+        ge=1,
+        description="Largest audio returned inline (base64 adds a third; RunPod's /run "
+        "result limit is about 10 MB). Larger audio is uploaded or refused.",
     )
 
 
