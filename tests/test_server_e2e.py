@@ -9,6 +9,8 @@ import threading
 from collections.abc import Iterator
 
 import av
+import httpx
+import numpy as np
 import pytest
 
 from conftest import LocalServer, b64, make_wav
@@ -47,6 +49,13 @@ def probe(data: bytes) -> tuple[int, int, float]:
             stream.codec_context.sample_rate,
             stream.codec_context.channels,
             samples / stream.codec_context.sample_rate,
+        )
+
+
+def pcm(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as container:
+        return np.concatenate(
+            [frame.to_ndarray().reshape(-1) for frame in container.decode(audio=0)]
         )
 
 
@@ -181,3 +190,43 @@ def test_private_addresses_refused_by_default(
             assert message in result["error"]
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def streaming_server(
+    base_env: dict, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServer]:
+    server = LocalServer(
+        {**base_env, "ENABLE_STREAMING": "1"}, tmp_path_factory.mktemp("stream") / "server.log"
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_stream_through_the_local_api_server(streaming_server: LocalServer) -> None:
+    job = {"text": "Streaming over HTTP.", "seed": 9, "max_new_tokens": 60, "format": "wav"}
+    job_id = httpx.post(
+        f"{streaming_server.url}/run", json={"input": {**job, "stream": True}}
+    ).json()["id"]
+    streamed = httpx.post(f"{streaming_server.url}/stream/{job_id}", timeout=120).json()
+    assert streamed["status"] == "COMPLETED", streamed
+    *pieces, summary = [item["output"] for item in streamed["stream"]]
+    assert summary["done"] and summary["pieces"] == len(pieces) > 1
+    joined = b"".join(base64.b64decode(piece["audio_base64"]) for piece in pieces)
+    rate, channels, seconds = probe(joined)
+    assert (rate, channels) == (24_000, 1)
+    assert seconds == pytest.approx(summary["usage"]["audio_frames"] * FRAME_S)
+    # The same request without stream: the generator handler's one output, the whole file.
+    whole = streaming_server.runsync(job)
+    assert whole["status"] == "COMPLETED"
+    [output] = whole["output"]
+    assert np.array_equal(pcm(base64.b64decode(output["audio_base64"])), pcm(joined))
+
+
+def test_stream_errors_come_as_the_output(streaming_server: LocalServer) -> None:
+    """RunPod fails a job whose generator yields an error; the local simulator shows the item."""
+    result = streaming_server.runsync({"text": "a", "stream": True, "format": "mp3"})
+    assert result["output"] == [{"error": "format: streaming supports wav and pcm, not mp3"}]

@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import runpod
 import torch
 
 from . import audio
@@ -282,7 +281,9 @@ def _progress_reporter(job: dict[str, Any]) -> Progress | None:
     """Progress goes to RunPod's /status while a job runs; off RunPod there is nowhere to send."""
     if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
         return None
-    return lambda message: runpod.serverless.progress_update(job, message)
+    from runpod.serverless import progress_update  # imported late: see cli._start_runpod
+
+    return lambda message: progress_update(job, message)
 
 
 def _summary(

@@ -140,7 +140,7 @@ class PieceEncoder:
         if self.resampler is None:
             pcm = to_pcm16(samples).tobytes()
         else:
-            pcm = b"".join(bytes(frame.planes[0]) for frame in self._resample(samples, final))
+            pcm = b"".join(f.to_ndarray().tobytes() for f in self._resample(samples, final))
         self.samples_out += len(pcm) // 2
         if not self.header_sent:
             self.header_sent = True
