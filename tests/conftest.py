@@ -25,6 +25,7 @@ from higgs_runpod.engine import Engine
 from higgs_runpod.handler import Worker
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.tiny import make_tiny_model
+from hub_server import HubServer, host_directory
 
 
 @pytest.fixture(scope="session")
@@ -142,3 +143,16 @@ def local_server(
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def tiny_hub(tiny_checkpoint: tuple[Path, Path]) -> Iterator[HubServer]:
+    """The tiny checkpoint, served under the default repo ids by a hub-protocol server."""
+    model_path, tokenizer_path = tiny_checkpoint
+    settings = load_settings({})
+    repos = [
+        host_directory(settings.model_repo, model_path),
+        host_directory(settings.tokenizer_repo, tokenizer_path),
+    ]
+    with HubServer(repos) as hub:
+        yield hub

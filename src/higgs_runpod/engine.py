@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from .errors import ModelNotFoundError, OutOfMemoryError
-from .model_store import check_checkpoints
+from .model_store import ensure_checkpoints
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,9 @@ class Engine:
         return time.perf_counter() - start
 
     def _load(self) -> None:
-        paths = check_checkpoints(self.settings)
+        paths, readies = ensure_checkpoints(self.settings)
+        for ready in readies:
+            log.info("%s", ready.describe())
         log.info("loading %s on %s (%s)", paths.model_path, self.device, self.dtype)
         audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(
             paths.tokenizer_path, device_map=self.device

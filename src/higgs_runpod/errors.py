@@ -27,3 +27,11 @@ class ModelNotFoundError(HiggsRunpodError):
 
 class OutOfMemoryError(HiggsRunpodError):
     """The device ran out of memory for this request; the worker keeps serving."""
+
+
+class CheckpointDownloadError(ModelNotFoundError):
+    """A checkpoint could not be fetched from the hub or did not verify; the worker can't start."""
+
+
+class InsufficientSpaceError(CheckpointDownloadError):
+    """The volume has too little free space for the checkpoint."""
