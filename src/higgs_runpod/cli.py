@@ -20,22 +20,27 @@ def _start_runpod(rp_args: list[str]) -> int:
     """Make sure both checkpoints are on disk (downloading them once, whichever worker comes
     first), load the model (unless LAZY_LOAD), then hand the handler to RunPod's worker loop.
     A checkpoint that cannot be had fails the start with its message (exit status 1)."""
-    import runpod
-
     from .errors import ModelNotFoundError
-    from .handler import get_worker, handler
     from .model_store import ensure_checkpoints
 
-    worker = get_worker()
-    try:
-        if worker.settings.lazy_load:
-            for ready in ensure_checkpoints(worker.settings)[1]:
-                log.info("%s", ready.describe())
-        else:
-            log.info("loaded in %.1f s", worker.engine.load())
+    try:  # before the heavy imports, so that a start that cannot succeed fails fast
+        for ready in ensure_checkpoints(load_settings())[1]:
+            log.info("%s", ready.describe())
     except ModelNotFoundError as error:
         log.error("cannot start: %s", error)
         return 1
+
+    import runpod
+
+    from .handler import get_worker, handler
+
+    worker = get_worker()
+    if not worker.settings.lazy_load:
+        try:
+            log.info("loaded in %.1f s", worker.engine.load())
+        except ModelNotFoundError as error:
+            log.error("cannot start: %s", error)
+            return 1
     sys.argv = [sys.argv[0], *rp_args]  # runpod reads its own flags from argv
     runpod.serverless.start({"handler": handler})
     return 0

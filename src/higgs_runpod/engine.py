@@ -117,8 +117,8 @@ class Engine:
 
     def _load(self) -> None:
         paths, readies = ensure_checkpoints(self.settings)
-        for ready in readies:
-            log.info("%s", ready.describe())
+        for ready in readies:  # the start-up already reported these at INFO
+            log.debug("%s", ready.describe())
         log.info("loading %s on %s (%s)", paths.model_path, self.device, self.dtype)
         audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(
             paths.tokenizer_path, device_map=self.device
