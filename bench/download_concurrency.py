@@ -32,6 +32,7 @@ def run_workers(hub: HubServer, volume: Path, count: int) -> list[float]:
         "HF_ENDPOINT": hub.url,
         "HF_HOME": str(volume / "hf-home"),
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
         "MODEL_PATH": str(volume / "bosonai" / "model"),
         "TOKENIZER_PATH": str(volume / "bosonai" / "tokenizer"),
         "HF_CACHED_MODELS_PATH": str(volume / "no-cache"),

@@ -35,6 +35,15 @@ MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
 
 
+@pytest.fixture(autouse=True)
+def no_hub_side_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub fetches an "agent harness" list from its import-time endpoint (the real
+    hub) when it builds headers, unless telemetry is off; tests must only talk to loopback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+
+
 def volume_env(volume: Path, endpoint: str, **extra: str) -> dict[str, str]:
     return {
         "MODEL_PATH": str(volume / "bosonai" / "model"),
@@ -53,7 +62,7 @@ def volume_settings(volume: Path, hub: HubServer, **extra: str) -> Settings:
 def run_cli(env: dict[str, str], *args: str, tmp: Path) -> subprocess.Popen:
     """`higgs-runpod ARGS` in a fresh process, with a private HF_HOME and no token."""
     base = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT")}
-    full_env = {**base, "HF_HOME": str(tmp / "hf-home"), **env}
+    full_env = {**base, "HF_HOME": str(tmp / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1", **env}
     command = [sys.executable, "-m", "higgs_runpod.cli", *args]
     return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
