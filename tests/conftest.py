@@ -145,6 +145,17 @@ def local_server(
         server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_hub_side_requests() -> Iterator[None]:
+    """huggingface_hub fetches an "agent harness" list from the endpoint it read at import (the
+    real hub) when it builds request headers, unless telemetry is off: tests stay on loopback."""
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        yield
+
+
 @pytest.fixture
 def tiny_hub(tiny_checkpoint: tuple[Path, Path]) -> Iterator[HubServer]:
     """The tiny checkpoint, served under the default repo ids by a hub-protocol server."""

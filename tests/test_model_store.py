@@ -35,15 +35,6 @@ MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
 
 
-@pytest.fixture(autouse=True)
-def no_hub_side_requests(monkeypatch: pytest.MonkeyPatch) -> None:
-    """huggingface_hub fetches an "agent harness" list from its import-time endpoint (the real
-    hub) when it builds headers, unless telemetry is off; tests must only talk to loopback."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
-
-
 def volume_env(volume: Path, endpoint: str, **extra: str) -> dict[str, str]:
     return {
         "MODEL_PATH": str(volume / "bosonai" / "model"),
