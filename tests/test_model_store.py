@@ -199,6 +199,7 @@ def test_a_hand_filled_directory_is_used_as_is(
     shutil.copytree(tiny_checkpoint[1], settings.tokenizer_path)
     _, readies = ensure_checkpoints(settings)
     assert [ready.source for ready in readies] == ["hand-filled", "hand-filled"]
+    assert "filled by hand" in readies[0].describe()
     assert tiny_hub.counters.requests == []
     assert not (settings.model_path / MARKER).exists()
 

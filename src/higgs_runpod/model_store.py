@@ -71,15 +71,17 @@ class Ready:
     seconds: float
 
     def describe(self) -> str:
-        commit = f" (commit {self.commit})" if self.commit and self.commit != self.revision else ""
+        """One line: which path, which revision, how many bytes, how long."""
+        if self.source == "hand-filled":  # its revision is unknown: nothing recorded it
+            what = "filled by hand (no download marker)"
+        else:
+            revision = self.spec.revision
+            commit = f" (commit {self.commit})" if self.commit not in (None, revision) else ""
+            what = f"{self.spec.repo} revision {revision}{commit}"
         return (
-            f"{self.spec.variable}={self.path}: {self.spec.repo} revision {self.revision}{commit}, "
-            f"{self.total_bytes / 1e6:.1f} MB, {self.source}, ready in {self.seconds:.1f} s"
+            f"{self.spec.variable}={self.path}: {what}, {self.total_bytes / 1e6:.1f} MB, "
+            f"{self.source}, ready in {self.seconds:.1f} s"
         )
-
-    @property
-    def revision(self) -> str:
-        return self.spec.revision
 
 
 def checkpoint_specs(settings: Settings) -> tuple[CheckpointSpec, CheckpointSpec]:
