@@ -73,6 +73,28 @@ def test_processes_take_turns(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["log"], "no lock leftovers"
 
 
+def test_several_waiters_breaking_one_stale_lock_still_take_turns(tmp_path: Path) -> None:
+    lock_dir = tmp_path / "lock"
+    lock_dir.mkdir()
+    record = {"host": "elsewhere", "pid": 1, "started": 0, "heartbeat": 0}
+    (lock_dir / OWNER_FILE).write_text(json.dumps(record))
+    log = tmp_path / "log"
+    processes = [
+        SPAWN.Process(target=_hold_and_log, args=(str(lock_dir), str(log), 0.3)) for _ in range(4)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    lines = log.read_text().split()
+    assert len(lines) == 16
+    for index in range(0, 16, 4):  # enter pid, exit pid: never two holders at once
+        assert lines[index] == "enter" and lines[index + 2] == "exit"
+        assert lines[index + 1] == lines[index + 3]
+    assert os.listdir(tmp_path) == ["log"]
+
+
 def test_killed_owner_is_taken_over_at_once(tmp_path: Path) -> None:
     holder = _start_holder(tmp_path)
     os.kill(holder.pid, signal.SIGKILL)
