@@ -25,6 +25,7 @@ from higgs_runpod.engine import Engine
 from higgs_runpod.handler import Worker
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.tiny import make_tiny_model
+from hub_server import HubServer, host_directory
 from s3store import AuthStore, StrictStore
 
 
@@ -197,3 +198,27 @@ def s3_server(
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_hub_side_requests() -> Iterator[None]:
+    """huggingface_hub fetches an "agent harness" list from the endpoint it read at import (the
+    real hub) when it builds request headers, unless telemetry is off: tests stay on loopback."""
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        yield
+
+
+@pytest.fixture
+def tiny_hub(tiny_checkpoint: tuple[Path, Path]) -> Iterator[HubServer]:
+    """The tiny checkpoint, served under the default repo ids by a hub-protocol server."""
+    model_path, tokenizer_path = tiny_checkpoint
+    settings = load_settings({})
+    repos = [
+        host_directory(settings.model_repo, model_path),
+        host_directory(settings.tokenizer_repo, tokenizer_path),
+    ]
+    with HubServer(repos) as hub:
+        yield hub

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from higgs_runpod import handler as handler_module
 from higgs_runpod.audio import decode
 from higgs_runpod.handler import Worker
@@ -68,11 +69,21 @@ def test_request_error_is_the_message(worker: Worker) -> None:
     assert run(worker, None) == {"error": "input: must be a JSON object"}
 
 
-def test_missing_model_fails_the_job_with_instructions(tmp_path: Path) -> None:
-    settings = load_settings({"MODEL_PATH": str(tmp_path / "m"), "TOKENIZER_PATH": str(tmp_path)})
+def test_missing_model_fails_the_job_cleanly(tmp_path: Path) -> None:
+    """No weights and no reachable hub (a closed loopback port): the job fails, clearly."""
+    hub = f"http://127.0.0.1:{free_port()}"
+    settings = load_settings(
+        {
+            "MODEL_PATH": str(tmp_path / "m"),
+            "TOKENIZER_PATH": str(tmp_path / "t"),
+            "HF_ENDPOINT": hub,
+        }
+    )
     output = run(Worker(settings), {"text": "Hello"})
-    assert "MODEL_PATH=" in output["error"]
-    assert "does not exist" in output["error"]
+    assert output["error"].startswith(
+        f"could not download bosonai/higgs-audio-v2-generation-3B-base from {hub}"
+    )
+    assert "Traceback" not in output["error"]
 
 
 def test_module_handler_uses_environment(

@@ -1,4 +1,4 @@
-"""The `higgs-runpod` command: serve, worker, synth, speak, voices, make-tiny-model."""
+"""The `higgs-runpod` command: serve, worker, synth, speak, voices, make-tiny-model, download."""
 
 from __future__ import annotations
 
@@ -17,8 +17,20 @@ log = logging.getLogger("higgs_runpod")
 FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
 
 
-def _start_runpod(rp_args: list[str]) -> None:
-    """Load the model (unless LAZY_LOAD), then hand the handler to RunPod's worker loop."""
+def _start_runpod(rp_args: list[str]) -> int:
+    """Make sure both checkpoints are on disk (downloading them once, whichever worker comes
+    first), load the model (unless LAZY_LOAD), then hand the handler to RunPod's worker loop.
+    A checkpoint that cannot be had fails the start with its message (exit status 1)."""
+    from .errors import ModelNotFoundError
+    from .model_store import ensure_checkpoints
+
+    try:  # before the heavy imports, so that a start that cannot succeed fails fast
+        for ready in ensure_checkpoints(load_settings())[1]:
+            log.info("%s", ready.describe())
+    except ModelNotFoundError as error:
+        log.error("cannot start: %s", error)
+        return 1
+
     # RunPod's logger defaults to DEBUG and then prints every job's whole output: base64
     # audio by the megabyte and presigned URLs. It reads the level once, at import.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
@@ -28,22 +40,27 @@ def _start_runpod(rp_args: list[str]) -> None:
 
     worker = get_worker()
     if not worker.settings.lazy_load:
-        log.info("loaded in %.1f s", worker.engine.load())
+        try:
+            log.info("loaded in %.1f s", worker.engine.load())
+        except ModelNotFoundError as error:
+            log.error("cannot start: %s", error)
+            return 1
     sys.argv = [sys.argv[0], *rp_args]  # runpod reads its own flags from argv
     if worker.settings.enable_streaming:
         runpod.serverless.start({"handler": stream_handler, "return_aggregate_stream": True})
     else:
         runpod.serverless.start({"handler": handler})
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _start_runpod(["--rp_serve_api", "--rp_api_host", args.host, "--rp_api_port", str(args.port)])
-    return 0
+    return _start_runpod(
+        ["--rp_serve_api", "--rp_api_host", args.host, "--rp_api_port", str(args.port)]
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    _start_runpod([])
-    return 0
+    return _start_runpod([])
 
 
 def _format_for(path: Path, requested: str | None) -> str:
@@ -166,6 +183,21 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    """Fetch both checkpoints into MODEL_PATH and TOKENIZER_PATH (pre-warming a volume)."""
+    from .errors import ModelNotFoundError
+    from .model_store import ensure_checkpoints
+
+    try:
+        _, readies = ensure_checkpoints(load_settings())
+    except ModelNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)  # noqa: T201
+        return 1
+    for ready in readies:
+        print(ready.describe())  # noqa: T201
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="higgs-runpod", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -231,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint")
     tiny.add_argument("directory", type=Path)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    download = commands.add_parser(
+        "download",
+        help="fetch MODEL_REPO and TOKENIZER_REPO into MODEL_PATH and TOKENIZER_PATH",
+        description="Download both checkpoints once (safe while workers start on the same "
+        "volume) and verify them; exits 0 when both are complete.",
+    )
+    download.set_defaults(func=cmd_download)
     return parser
 
 
@@ -240,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # httpx logs every request URL at INFO, presigned query strings (signatures) included.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # huggingface_hub's client: per request
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from .errors import ModelNotFoundError, OutOfMemoryError
-from .model_store import check_checkpoints
+from .model_store import ensure_checkpoints
 from .settings import Settings
 from .streaming import DelayAligner, receptive_field_frames
 
@@ -128,7 +128,9 @@ class Engine:
         return time.perf_counter() - start
 
     def _load(self) -> None:
-        paths = check_checkpoints(self.settings)
+        paths, readies = ensure_checkpoints(self.settings)
+        for ready in readies:  # the start-up already reported these at INFO
+            log.debug("%s", ready.describe())
         log.info("loading %s on %s (%s)", paths.model_path, self.device, self.dtype)
         audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(
             paths.tokenizer_path, device_map=self.device

@@ -35,3 +35,11 @@ class DeliveryError(HiggsRunpodError):
     The message is safe for the caller: it names the bucket and what to fix, never a
     credential or a signed URL.
     """
+
+
+class CheckpointDownloadError(ModelNotFoundError):
+    """A checkpoint could not be fetched from the hub or did not verify; the worker can't start."""
+
+
+class InsufficientSpaceError(CheckpointDownloadError):
+    """The volume has too little free space for the checkpoint."""

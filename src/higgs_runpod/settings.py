@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VOLUME = Path("/runpod-volume")
@@ -21,18 +21,30 @@ def _default_voices_path() -> Path:
     return VOLUME / "voices" if VOLUME.is_dir() else Path("voices")
 
 
+def default_checkpoint_root() -> Path:
+    """Where checkpoints go by default: the network volume when mounted, else the user's cache."""
+    if VOLUME.is_dir():
+        return VOLUME
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "higgs-runpod"
+
+
 class Settings(BaseSettings):
     """Every knob of the worker; the README's configuration table mirrors this class."""
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
-    model_path: Path = Field(
-        default=VOLUME / "bosonai" / "higgs-audio-v2-generation-3B-base",
-        description="Directory of the generation model (transformers format).",
+    # None only until validation ends: `_default_checkpoint_paths` derives them from the repos.
+    model_path: Path | None = Field(
+        default=None,
+        description="Directory of the generation model (transformers format); default "
+        "/runpod-volume/ORG/NAME of MODEL_REPO when the volume is mounted, else "
+        "~/.cache/higgs-runpod/ORG/NAME.",
     )
-    tokenizer_path: Path = Field(
-        default=VOLUME / "bosonai" / "higgs-audio-v2-tokenizer",
-        description="Directory of the audio tokenizer (transformers format).",
+    tokenizer_path: Path | None = Field(
+        default=None,
+        description="Directory of the audio tokenizer (transformers format); default derived "
+        "from TOKENIZER_REPO like MODEL_PATH.",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -95,6 +107,50 @@ class Settings(BaseSettings):
         description="Largest audio returned inline (base64 adds a third; RunPod's /run "
         "result limit is about 10 MB). Larger audio is uploaded or refused.",
     )
+    model_repo: str = Field(
+        default="bosonai/higgs-audio-v2-generation-3B-base",
+        description="Hugging Face repo of the generation model, downloaded into MODEL_PATH.",
+    )
+    tokenizer_repo: str = Field(
+        default="bosonai/higgs-audio-v2-tokenizer",
+        description="Hugging Face repo of the audio tokenizer, downloaded into TOKENIZER_PATH.",
+    )
+    model_revision: str = Field(
+        default="main", description="Branch, tag or (recommended) commit hash of MODEL_REPO."
+    )
+    tokenizer_revision: str = Field(
+        default="main", description="Branch, tag or (recommended) commit hash of TOKENIZER_REPO."
+    )
+    hf_token: SecretStr | None = Field(
+        default=None, description="Hugging Face token for gated or private repos (never logged)."
+    )
+    hf_endpoint: str | None = Field(
+        default=None, description="Hub (or mirror) URL; default https://huggingface.co."
+    )
+    hf_cached_models_path: Path = Field(
+        default=VOLUME / "huggingface-cache" / "hub",
+        description="RunPod's cached-models directory (a Hugging Face hub cache); a configured "
+        "repo found there is loaded from it instead of being downloaded.",
+    )
+    download_wait_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="How long a worker waits for another worker's download of a checkpoint.",
+    )
+    download_lock_stale_s: float = Field(
+        default=60.0,
+        ge=5,
+        description="A download lock whose heartbeat stopped this long ago is taken over.",
+    )
+
+    @model_validator(mode="after")
+    def _default_checkpoint_paths(self) -> Settings:
+        root = default_checkpoint_root()
+        if self.model_path is None:
+            self.model_path = root / self.model_repo
+        if self.tokenizer_path is None:
+            self.tokenizer_path = root / self.tokenizer_repo
+        return self
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
