@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .health import mark_ready
 from .settings import load_settings
 
 log = logging.getLogger("higgs_runpod")
@@ -25,6 +26,7 @@ def _start_runpod(rp_args: list[str]) -> None:
     worker = get_worker()
     if not worker.settings.lazy_load:
         log.info("loaded in %.1f s", worker.engine.load())
+    mark_ready(worker.settings.ready_file)
     sys.argv = [sys.argv[0], *rp_args]  # runpod reads its own flags from argv
     runpod.serverless.start({"handler": handler})
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VOLUME = Path("/runpod-volume")
@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     allow_http_audio_urls: bool = Field(default=False, description="Allow plain http:// URLs.")
     allow_private_audio_urls: bool = Field(
         default=False, description="Allow URLs that resolve to private or loopback addresses."
+    )
+    ready_file: Path = Field(
+        default=Path("/tmp/higgs-runpod/ready.json"),
+        description="Written by the worker once its model is loaded; read by the health check.",
+    )
+    runpod_api_key: SecretStr | None = Field(
+        default=None, description="RunPod API key, used only by `higgs-runpod deploy`."
+    )
+    runpod_api_url: str = Field(
+        default="https://api.runpod.io",
+        description="RunPod REST API (v2) base URL, used only by `higgs-runpod deploy`.",
     )
 
 
