@@ -1,4 +1,4 @@
-"""The `higgs-runpod` command: serve, worker, synth, voices, make-tiny-model."""
+"""The `higgs-runpod` command: serve, worker, synth, voices, make-tiny-model, deploy."""
 
 from __future__ import annotations
 
@@ -106,6 +106,20 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .deploy import run
+
+    settings = load_settings()
+    key = settings.runpod_api_key.get_secret_value() if settings.runpod_api_key else None
+    return run(
+        args.config,
+        api_key=key,
+        api_url=settings.runpod_api_url,
+        dry_run=args.dry_run,
+        image=args.image,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="higgs-runpod", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint")
     tiny.add_argument("directory", type=Path)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    deploy = commands.add_parser(
+        "deploy", help="create or update the RunPod template and endpoint (RUNPOD_API_KEY)"
+    )
+    deploy.add_argument("--config", type=Path, default=Path("deploy/endpoint.json"))
+    deploy.add_argument("--image", help="override template.image, e.g. ghcr.io/me/repo:sha-abc")
+    deploy.add_argument(
+        "--dry-run", action="store_true", help="print the requests as JSON lines, send nothing"
+    )
+    deploy.set_defaults(func=cmd_deploy)
     return parser
 
 
