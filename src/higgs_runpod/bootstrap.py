@@ -155,7 +155,7 @@ def install(config: Config, staging: Path) -> None:
         "--python", sys.executable,
         "--target", str(staging),
         "--require-hashes", "--no-deps",
-        "--no-cache", "--link-mode", "copy",  # no second copy of the wheels on disk
+        "--link-mode", "copy",  # the image sets UV_NO_CACHE: no second copy on disk
         "--compile-bytecode",
         "--requirement", str(config.requirements),
     ]  # fmt: skip
