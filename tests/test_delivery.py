@@ -53,6 +53,9 @@ def exec_module(json_args: str) -> str:
 
 def test_every_file_the_dockerfile_copies_exists() -> None:
     copies = [rest for word, rest in instructions() if word == "COPY"]
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignore, ".dockerignore must exclude everything not copied (.venv is 5 GB)"
+    included = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert copies
     for rest in copies:
         parts = rest.split()
@@ -60,6 +63,7 @@ def test_every_file_the_dockerfile_copies_exists() -> None:
             continue  # from another stage or image, not from the repository
         for source in parts[:-1]:
             assert (ROOT / source).exists(), f"COPY source {source} does not exist"
+            assert source.rstrip("/") in included, f"{source} is excluded by .dockerignore"
 
 
 def test_the_commands_the_image_runs_exist() -> None:
@@ -127,6 +131,16 @@ def test_workflow_actions_are_pinned_to_commits() -> None:
     for path in workflows:
         for ref in re.findall(r"uses:\s*(\S+)", path.read_text()):
             assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", ref), f"{path.name}: {ref}"
+
+
+def test_hub_entry_point_runs_the_bootstrap() -> None:
+    """RunPod Hub requires a handler.py; ours must start what the image starts."""
+    done = subprocess.run(
+        [sys.executable, ROOT / ".runpod/handler.py"],
+        env={"PATH": "/usr/bin:/bin", "RUNTIME_MODE": "sometimes"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "[bootstrap] ERROR: RUNTIME_MODE" in done.stderr
 
 
 @pytest.mark.parametrize("name", ["hub.json", "tests.json"])
