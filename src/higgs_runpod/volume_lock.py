@@ -200,7 +200,13 @@ class VolumeLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            if not self._holds():
+            try:
+                raw = (self.path / OWNER_FILE).read_bytes()
+            except FileNotFoundError:
+                raw = None
+            except OSError:  # a network filesystem hiccup is not a loss: try the next beat
+                continue
+            if _parse_owner(raw).get("token") != self._token:
                 self.lost = True
                 return
             with contextlib.suppress(OSError):  # a missed beat is retried; staleness is slow
