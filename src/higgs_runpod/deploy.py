@@ -95,7 +95,10 @@ def http_api(base_url: str, api_key: str, timeout_s: float = 30.0) -> Api:
             raise DeployError(
                 redact(f"{method} {path}: {_error_message(response)}", api_key)
             ) from None
-        return response.json() if response.content else {}
+        try:
+            return response.json() if response.content else {}
+        except ValueError:
+            raise DeployError(f"{method} {path}: RunPod's answer is not JSON") from None
 
     return call
 
@@ -177,7 +180,7 @@ def _upsert(
 
     `known(existing)` may supply fields that RunPod does not return but that are known
     to match (an endpoint's listing has its template's image, not the template's id)."""
-    existing = _find(api("GET", route, None)[listing], desired["name"], kind)
+    existing = _find(api("GET", route, None).get(listing, []), desired["name"], kind)
     if existing is None:
         created = api("POST", route, desired)
         actions.append(f"created {kind} {desired['name']!r} ({created.get('id')})")
@@ -198,8 +201,8 @@ def _upsert(
 
 def _network_volume(api: Api, wanted: dict[str, Any], actions: list[str]) -> dict[str, Any]:
     """Find the volume by name, or create it (RunPod cannot resize it down, so no update)."""
-    existing = _find(api("GET", "/v2/network-volumes", None)["networkVolumes"],
-                     wanted["name"], "network volume")  # fmt: skip
+    listing = api("GET", "/v2/network-volumes", None).get("networkVolumes", [])
+    existing = _find(listing, wanted["name"], "network volume")
     if existing is not None:
         actions.append(f"network volume {wanted['name']!r} ({existing['id']}) found")
         return existing
