@@ -25,6 +25,7 @@ from higgs_runpod.engine import Engine
 from higgs_runpod.handler import Worker
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.tiny import make_tiny_model
+from s3store import AuthStore, StrictStore
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +138,60 @@ def local_server(
     """A worker serving the tiny model on loopback; http and private URLs allowed for tests."""
     env = {**base_env, "ALLOW_HTTP_AUDIO_URLS": "1", "ALLOW_PRIVATE_AUDIO_URLS": "1"}
     server = LocalServer(env, tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+# --- S3 (issue 5): moto on loopback, and a worker that uploads to it ----------------------
+
+# Distinctive fake credentials: tests grep outputs and logs for them.
+S3_KEY_ID = "AKIATESTKEYID7Q2X9Z"
+S3_SECRET = "sEcReT-do-not-print-4f9a1c"
+
+
+@pytest.fixture(scope="session")
+def s3_store() -> Iterator[StrictStore]:
+    """moto's S3 refusing the newer checksums, with bucket `audio` (any key may write)."""
+    store = StrictStore()
+    store.client().create_bucket(Bucket="audio")
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthStore]:
+    """moto with authentication on, bucket `private`, one valid key pair."""
+    store = AuthStore(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_store: StrictStore) -> dict[str, str]:
+    """The S3 settings of a worker writing to `s3_store`'s bucket `audio`."""
+    return {
+        "S3_BUCKET": "audio",
+        "S3_ENDPOINT_URL": s3_store.url,
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "S3_URL_EXPIRES": "600",
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_server(
+    base_env: dict[str, str], s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServer]:
+    """`higgs-runpod serve` on loopback with S3 output configured."""
+    server = LocalServer({**base_env, **s3_env}, tmp_path_factory.mktemp("s3server") / "log")
     try:
         server.wait_ready()
         yield server

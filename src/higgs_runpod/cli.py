@@ -1,4 +1,4 @@
-"""The `higgs-runpod` command: serve, worker, synth, voices, make-tiny-model, deploy."""
+"""The `higgs-runpod` command: serve, worker, synth, speak, voices, make-tiny-model, deploy."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,16 +20,22 @@ FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
 
 def _start_runpod(rp_args: list[str]) -> None:
     """Load the model (unless LAZY_LOAD), then hand the handler to RunPod's worker loop."""
+    # RunPod's logger defaults to DEBUG and then prints every job's whole output: base64
+    # audio by the megabyte and presigned URLs. It reads the level once, at import.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod
 
-    from .handler import get_worker, handler
+    from .handler import get_worker, handler, stream_handler
 
     worker = get_worker()
     if not worker.settings.lazy_load:
         log.info("loaded in %.1f s", worker.engine.load())
     mark_ready(worker.settings.ready_file)
     sys.argv = [sys.argv[0], *rp_args]  # runpod reads its own flags from argv
-    runpod.serverless.start({"handler": handler})
+    if worker.settings.enable_streaming:
+        runpod.serverless.start({"handler": stream_handler, "return_aggregate_stream": True})
+    else:
+        runpod.serverless.start({"handler": handler})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -75,10 +82,65 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if "error" in result:
         print(f"error: {result['error']}", file=sys.stderr)  # noqa: T201
         return 1
-    args.output.write_bytes(base64.b64decode(result["audio_base64"]))
+    from .client import save_audio
+
+    save_audio(result, args.output)  # inline, or from the bucket when S3 is configured
     print(  # noqa: T201
         f"wrote {args.output} ({result['duration_s']:.2f} s, {result['format']}, "
         f"seed {result['seed']}, {result['timings_ms']['total']:.0f} ms)"
+    )
+    return 0
+
+
+def cmd_speak(args: argparse.Namespace) -> int:
+    """Call a deployed endpoint (or a local `serve`) and write the audio to a file."""
+    from .client import ClientError, Endpoint, JobFailed, JobUpdate, save_audio
+
+    job_input = synth_input(args)
+    if args.delivery:
+        job_input["output"] = args.delivery
+    api_key = os.environ.get("RUNPOD_API_KEY")
+    if args.endpoint and not api_key:
+        print("error: set RUNPOD_API_KEY to call a RunPod endpoint", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.url:
+        endpoint = Endpoint(args.url, api_key, max_wait_s=args.max_wait)
+    else:
+        endpoint = Endpoint.from_id(args.endpoint, api_key, max_wait_s=args.max_wait)
+    last: dict[str, object] = {"state": None, "queued": None}
+
+    def show(update: JobUpdate) -> None:
+        """One line per change of status, progress or queue length (not per poll)."""
+        state = (update.status, update.progress)
+        if state == last["state"] and update.queued in (None, last["queued"]):
+            return
+        last["state"] = state
+        if update.queued is not None:
+            last["queued"] = update.queued
+        line = f"job {update.job_id}: {update.status} ({update.elapsed_s:.0f} s)"
+        if update.queued is not None:
+            line += f", {update.queued} job(s) queued on the endpoint"
+        if update.progress is not None:
+            line += f", {update.progress}"
+        print(line, file=sys.stderr)  # noqa: T201
+
+    try:
+        with endpoint:
+            job_id = endpoint.submit(job_input)
+            try:
+                output = endpoint.wait(job_id, on_update=show)
+            except KeyboardInterrupt:
+                done = "was cancelled" if endpoint.cancel(job_id) else "could not be cancelled"
+                print(f"interrupted: job {job_id} {done}", file=sys.stderr)  # noqa: T201
+                return 130
+        size = save_audio(output, args.output)
+    except (JobFailed, ClientError) as error:
+        print(f"error: {error}", file=sys.stderr)  # noqa: T201
+        return 1
+    where = f" from {output['s3_uri']}" if output.get("s3_uri") else ""
+    print(  # noqa: T201
+        f"wrote {args.output} ({size} bytes{where}, {output.get('duration_s', 0):.2f} s, "
+        f"{output.get('format')}, seed {output.get('seed')})"
     )
     return 0
 
@@ -149,6 +211,36 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--sample-rate", type=int)
     synth.set_defaults(func=cmd_synth)
 
+    speak = commands.add_parser(
+        "speak", help="call a deployed endpoint (or a local serve) and save the audio"
+    )
+    speak.add_argument("text")
+    speak.add_argument("-o", "--output", type=Path, required=True)
+    target = speak.add_mutually_exclusive_group(required=True)
+    target.add_argument("--endpoint", help="RunPod endpoint id (needs RUNPOD_API_KEY)")
+    target.add_argument(
+        "--url", help="endpoint base URL: https://api.runpod.ai/v2/ID or http://127.0.0.1:8000"
+    )
+    speak.add_argument("--format", choices=FORMATS, help="default: from the file extension")
+    speak_voice = speak.add_mutually_exclusive_group()
+    speak_voice.add_argument("--voice", help="a voice from the worker's library")
+    speak_voice.add_argument("--voice-file", type=Path, help="a reference clip to clone")
+    speak.add_argument("--transcript", help="what the reference clip says")
+    speak.add_argument("--scene")
+    speak.add_argument("--seed", type=int)
+    speak.add_argument("--temperature", type=float)
+    speak.add_argument("--top-p", type=float)
+    speak.add_argument("--top-k", type=int)
+    speak.add_argument("--max-new-tokens", type=int)
+    speak.add_argument("--sample-rate", type=int)
+    speak.add_argument(
+        "--delivery", choices=("inline", "s3"), help="request field output (default: worker's)"
+    )
+    speak.add_argument(
+        "--max-wait", type=float, default=900.0, help="seconds before giving up (and cancelling)"
+    )
+    speak.set_defaults(func=cmd_speak)
+
     voices = commands.add_parser("voices", help="list the voice library (VOICES_PATH)")
     voices.set_defaults(func=cmd_voices)
 
@@ -172,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request URL at INFO, presigned query strings (signatures) included.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -27,3 +27,11 @@ class ModelNotFoundError(HiggsRunpodError):
 
 class OutOfMemoryError(HiggsRunpodError):
     """The device ran out of memory for this request; the worker keeps serving."""
+
+
+class DeliveryError(HiggsRunpodError):
+    """The audio was made but could not be handed over (upload failed, too big to inline).
+
+    The message is safe for the caller: it names the bucket and what to fix, never a
+    credential or a signed URL.
+    """

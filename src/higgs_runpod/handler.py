@@ -1,8 +1,13 @@
-"""The RunPod handler: a job's `input` in, one JSON object with the audio out.
+"""The RunPod handlers: a job's `input` in, speech out.
 
     input --schema.parse_request--> SpeechRequest --voices--> clips / descriptions
-          --prompts--> conversation --engine (off the event loop)--> samples
-          --audio.encode--> response
+          --chunking--> chunks --longform + engine (off the event loop)--> codes
+          --decode--> samples --audio.encode--> Speech
+          --storage (inline base64 or S3 upload)--> response (or streamed pieces)
+
+`handler` returns one JSON object per job. `stream_handler` (ENABLE_STREAMING) is an
+async generator, which is what RunPod needs to stream: `stream: true` jobs yield audio
+pieces and a final summary; other jobs yield their single response object.
 
 Every failure becomes RunPod's failed-job shape `{"error": "..."}` here and nowhere else:
 request errors name the field and the limit; internal errors give a short message and
@@ -14,19 +19,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
+import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import runpod
+import torch
+
 from . import audio
-from .engine import Engine, SamplingParams, Synthesis
+from .chunking import split_text
+from .engine import Engine, SamplingParams
 from .errors import HiggsRunpodError, RequestError
+from .longform import LongSynthesis, MakeConversation, synthesize_chunks
 from .prompts import build_conversation
 from .schema import SpeechRequest, parse_request
 from .settings import Settings, load_settings
+from .storage import Storage
+from .streaming import PieceDecoder, PieceEncoder
 from .voices import VoiceResolver
 
 log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -37,26 +54,24 @@ class Speech:
     format: str
     sample_rate: int
     duration_s: float
-    synthesis: Synthesis
+    synthesis: LongSynthesis
     timings_ms: dict[str, float]
+    frame_rate: float
 
     def metadata(self) -> dict[str, Any]:
         """Every response field except the audio itself (see the README's response table)."""
-        busy_s = (self.timings_ms["generate"] + self.timings_ms["decode"]) / 1000.0
-        return {
-            "format": self.format,
-            "content_type": audio.CONTENT_TYPES[self.format],
-            "sample_rate": self.sample_rate,
-            "duration_s": round(self.duration_s, 3),
-            "seed": self.synthesis.seed,
-            "usage": {
-                "prompt_tokens": self.synthesis.prompt_tokens,
-                "generated_tokens": self.synthesis.generated_tokens,
-                "audio_frames": self.synthesis.frames,
-            },
-            "timings_ms": {name: round(value, 1) for name, value in self.timings_ms.items()},
-            "real_time_factor": round(busy_s / self.duration_s, 4) if self.duration_s else None,
-        }
+        return _summary(self.synthesis, self.format, self.sample_rate, self.duration_s,
+                        self.timings_ms, self.frame_rate)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a request asks the engine for, ready to generate."""
+
+    chunks: list
+    make_conversation: MakeConversation
+    params: SamplingParams
+    context_chunks: int
 
 
 class Worker:
@@ -66,58 +81,147 @@ class Worker:
         self.settings = settings
         self.engine = engine or Engine(settings)
         self.voices = VoiceResolver(settings)
+        self.storage = Storage(settings)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Run one job; never raises (RunPod would send the traceback to the caller)."""
-        job_id = str(job.get("id", "local"))
+        """Run one job to a single response; never raises (RunPod would send a traceback)."""
         try:
-            return await self._run(job.get("input"))
-        except RequestError as error:
-            log.info("job %s rejected: %s", job_id, error)
-            return {"error": str(error)}
-        except HiggsRunpodError as error:
-            log.error("job %s failed: %s", job_id, error)
-            return {"error": str(error)}
-        except Exception:
-            log.exception("job %s failed with an internal error", job_id)
-            return {"error": f"internal error while generating speech (job {job_id}); "
-                             "the worker log has the details"}  # fmt: skip
+            request = parse_request(job.get("input"), self.settings)
+            if request.stream:
+                raise RequestError(
+                    "stream", "this endpoint streams only when started with ENABLE_STREAMING=true"
+                )
+            return await self._respond(job, request)
+        except Exception as error:
+            return {"error": _message(error, job)}
 
-    async def _run(self, raw_input: Any) -> dict[str, Any]:
-        request = parse_request(raw_input, self.settings)
-        speech = await self.speak(request)
-        return {"audio_base64": base64.b64encode(speech.audio).decode("ascii"), **speech.metadata()}
+    async def handle_stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Run one job as a stream of outputs; errors end it with `{"error": ...}`."""
+        try:
+            request = parse_request(job.get("input"), self.settings)
+            if request.stream:
+                async for item in self.stream(request, progress=_progress_reporter(job)):
+                    yield item
+            else:
+                yield await self._respond(job, request)
+        except Exception as error:
+            yield {"error": _message(error, job)}
 
-    async def speak(self, request: SpeechRequest) -> Speech:
+    async def _respond(self, job: dict[str, Any], request: SpeechRequest) -> dict[str, Any]:
+        """One job's complete response: the audio delivered inline or to S3, and metadata."""
+        # RunPod passes s3Config at the top level of the job, beside input.
+        delivery = self.storage.plan(request.output, job.get("s3Config"))
+        speech = await self.speak(request, progress=_progress_reporter(job))
+        delivered = await self.storage.deliver(delivery, speech.audio, speech.format, job.get("id"))
+        return {**delivered, **speech.metadata()}
+
+    async def speak(self, request: SpeechRequest, progress: Progress | None = None) -> Speech:
         """A validated request to encoded audio; the model runs off the event loop."""
         started = time.perf_counter()
-        conversation = await asyncio.to_thread(self._conversation, request)
-        resolve_ms = (time.perf_counter() - started) * 1000.0
+        plan = await asyncio.to_thread(self._plan, request)
+        resolve_ms = _ms_since(started)
         load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
-        synthesis = await asyncio.to_thread(
-            self.engine.synthesize, conversation, _sampling(request)
-        )
+        counter = _FrameCounter(progress, len(plan.chunks))
+        synthesis = await self._generate(plan, counter.frames, counter.chunk)
+        decode_start = time.perf_counter()
+        samples = await asyncio.to_thread(self.engine.decode_codes, synthesis.codes)
+        decode_ms = _ms_since(decode_start)
         encode_start = time.perf_counter()
-        samples = audio.resample(synthesis.samples, synthesis.sample_rate, request.sample_rate)
+        samples = audio.resample(samples, self.engine.sample_rate, request.sample_rate)
         encoded = audio.encode(samples, request.sample_rate, request.format)
-        encode_ms = (time.perf_counter() - encode_start) * 1000.0
         return Speech(
             audio=encoded,
             format=request.format,
             sample_rate=request.sample_rate,
             duration_s=len(samples) / request.sample_rate,
             synthesis=synthesis,
+            frame_rate=self.engine.frame_rate,
             timings_ms={
                 "load": load_ms,
                 "prepare": resolve_ms + synthesis.prepare_ms,
                 "generate": synthesis.generate_ms,
-                "decode": synthesis.decode_ms,
-                "encode": encode_ms,
-                "total": (time.perf_counter() - started) * 1000.0,
+                "decode": decode_ms,
+                "encode": _ms_since(encode_start),
+                "total": _ms_since(started),
             },
         )
 
-    def _conversation(self, request: SpeechRequest) -> list[dict[str, Any]]:
+    async def stream(
+        self, request: SpeechRequest, progress: Progress | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Audio pieces as frames complete, then a summary with usage and timings."""
+        started = time.perf_counter()
+        plan = await asyncio.to_thread(self._plan, request)
+        resolve_ms = _ms_since(started)
+        load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[torch.Tensor | None] = asyncio.Queue()
+        counter = _FrameCounter(progress, len(plan.chunks))
+
+        def on_frames(frames: torch.Tensor) -> None:
+            counter.frames(frames)
+            loop.call_soon_threadsafe(arrived.put_nowait, frames)
+
+        generation = asyncio.ensure_future(self._generate(plan, on_frames, counter.chunk))
+        generation.add_done_callback(lambda _: arrived.put_nowait(None))
+        hop = int(self.engine.sample_rate / self.engine.frame_rate)
+        decoder = PieceDecoder(self.engine.decode_codes, self.engine.decoder_context_frames, hop)
+        encoder = PieceEncoder(request.format, self.engine.sample_rate, request.sample_rate)
+        index, first_audio_ms = 0, None
+        try:
+            while (frames := await arrived.get()) is not None:
+                decoder.push(frames)
+                size = (
+                    self.settings.stream_first_frames
+                    if index == 0
+                    else self.settings.stream_piece_frames
+                )
+                while decoder.ready() >= size:
+                    samples = await asyncio.to_thread(decoder.take, size)
+                    yield _piece(index, encoder.encode(samples), request, len(samples) // hop)
+                    first_audio_ms = first_audio_ms or _ms_since(started)
+                    index, size = index + 1, self.settings.stream_piece_frames
+            synthesis = await generation
+            while decoder.pending:
+                samples = await asyncio.to_thread(
+                    decoder.take, self.settings.stream_piece_frames, True
+                )
+                final = not decoder.pending
+                yield _piece(
+                    index, encoder.encode(samples, final=final), request, len(samples) // hop
+                )
+                first_audio_ms = first_audio_ms or _ms_since(started)
+                index += 1
+        finally:
+            if not generation.done():
+                generation.cancel()
+        timings = {"load": load_ms, "prepare": resolve_ms + synthesis.prepare_ms,
+                   "generate": synthesis.generate_ms, "first_audio": first_audio_ms or 0.0,
+                   "total": _ms_since(started)}  # fmt: skip
+        duration_s = encoder.samples_out / request.sample_rate
+        yield {"done": True, "pieces": index,
+               **_summary(synthesis, request.format, request.sample_rate, duration_s, timings,
+                          self.engine.frame_rate)}  # fmt: skip
+
+    async def _generate(
+        self,
+        plan: _Plan,
+        on_frames: Callable[[torch.Tensor], None] | None,
+        on_chunk: Callable[[int], None] | None,
+    ) -> LongSynthesis:
+        """Generate off the event loop; a cancelled job stops generation within a step."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(
+                synthesize_chunks, self.engine, plan.chunks, plan.make_conversation, plan.params,
+                plan.context_chunks, cancel=cancel, on_frames=on_frames, on_chunk=on_chunk,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def _plan(self, request: SpeechRequest) -> _Plan:
+        """Resolve voices (downloads and decoding happen here) and split the text."""
         resolve = self.voices.resolve
         voice = resolve(request.voice, "voice") if request.voice is not None else None
         speakers = (
@@ -125,24 +229,122 @@ class Worker:
             if request.speakers
             else None
         )
-        return build_conversation(
-            request.text,
-            scene=request.scene,
-            voice=voice,
-            speakers=speakers,
+
+        def make_conversation(text: str, history: Any) -> list[dict[str, Any]]:
+            return build_conversation(
+                text, scene=request.scene, voice=voice, speakers=speakers, history=history
+            )
+
+        return _Plan(
+            chunks=split_text(request.text, request.chunking),
+            make_conversation=make_conversation,
+            params=SamplingParams(
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                seed=request.seed,
+                max_new_tokens=request.max_new_tokens,
+                ras_win_len=request.ras_win_len,
+                ras_win_max_num_repeat=request.ras_win_max_num_repeat,
+            ),
+            context_chunks=request.chunking.context_chunks,
         )
 
 
-def _sampling(request: SpeechRequest) -> SamplingParams:
-    return SamplingParams(
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        seed=request.seed,
-        max_new_tokens=request.max_new_tokens,
-        ras_win_len=request.ras_win_len,
-        ras_win_max_num_repeat=request.ras_win_max_num_repeat,
-    )
+class _FrameCounter:
+    """Counts frames and chunks for progress reports, at most one report a second."""
+
+    def __init__(self, progress: Progress | None, chunks: int) -> None:
+        self.progress = progress
+        self.total_chunks = chunks
+        self.current_chunk = 0
+        self.count = 0
+        self.last_sent = 0.0
+
+    def chunk(self, index: int) -> None:
+        self.current_chunk = index
+        self._report(force=True)
+
+    def frames(self, frames: torch.Tensor) -> None:
+        self.count += int(frames.shape[0])
+        self._report()
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.progress is None or (not force and now - self.last_sent < 1.0):
+            return
+        self.last_sent = now
+        self.progress({"chunk": self.current_chunk + 1, "chunks": self.total_chunks,
+                       "frames": self.count})  # fmt: skip
+
+
+def _progress_reporter(job: dict[str, Any]) -> Progress | None:
+    """Progress goes to RunPod's /status while a job runs; off RunPod there is nowhere to send."""
+    if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
+        return None
+    return lambda message: runpod.serverless.progress_update(job, message)
+
+
+def _summary(
+    synthesis: LongSynthesis,
+    audio_format: str,
+    sample_rate: int,
+    duration_s: float,
+    timings_ms: dict[str, float],
+    frame_rate: float,
+) -> dict[str, Any]:
+    busy_s = (timings_ms["generate"] + timings_ms.get("decode", 0.0)) / 1000.0
+    return {
+        "format": audio_format,
+        "content_type": audio.CONTENT_TYPES[audio_format],
+        "sample_rate": sample_rate,
+        "duration_s": round(duration_s, 3),
+        "seed": synthesis.seed,
+        "usage": {
+            "prompt_tokens": synthesis.prompt_tokens,
+            "generated_tokens": synthesis.generated_tokens,
+            "audio_frames": synthesis.frames,
+        },
+        "chunks": [
+            {
+                "index": c.index,
+                "text_start": c.start,
+                "text_end": c.end,
+                "frames": c.frames,
+                "duration_s": round(c.frames / frame_rate, 3),
+                "generate_ms": round(c.generate_ms, 1),
+            }
+            for c in synthesis.chunks
+        ],
+        "timings_ms": {name: round(value, 1) for name, value in timings_ms.items()},
+        "real_time_factor": round(busy_s / duration_s, 4) if duration_s else None,
+    }
+
+
+def _piece(index: int, data: bytes, request: SpeechRequest, frames: int) -> dict[str, Any]:
+    return {"index": index, "audio_base64": _b64(data), "format": request.format,
+            "sample_rate": request.sample_rate, "frames": frames}  # fmt: skip
+
+
+def _message(error: Exception, job: dict[str, Any]) -> str:
+    """The one place an exception becomes what the caller reads."""
+    job_id = str(job.get("id", "local"))
+    if isinstance(error, RequestError):
+        log.info("job %s rejected: %s", job_id, error)
+        return str(error)
+    if isinstance(error, HiggsRunpodError):
+        log.error("job %s failed: %s", job_id, error)
+        return str(error)
+    log.error("job %s failed with an internal error", job_id, exc_info=error)
+    return f"internal error while generating speech (job {job_id}); the worker log has the details"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
 
 
 _worker: Worker | None = None
@@ -159,3 +361,9 @@ def get_worker() -> Worker:
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
     """RunPod entry point: `runpod.serverless.start({"handler": handler})`."""
     return await get_worker().handle(job)
+
+
+async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """RunPod streaming entry point (ENABLE_STREAMING=true)."""
+    async for item in get_worker().handle_stream(job):
+        yield item

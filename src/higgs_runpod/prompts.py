@@ -13,7 +13,10 @@ the real checkpoint and a tiny one go through the same path:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from .schema import SPEAKER_TAG
 from .voices import ReferenceClip, ResolvedVoice, VoiceDescription
@@ -78,21 +81,27 @@ def build_conversation(
     scene: str | None = None,
     voice: ResolvedVoice | None = None,
     speakers: dict[str, ResolvedVoice] | None = None,
+    history: Sequence[tuple[str, torch.Tensor]] = (),
 ) -> list[dict[str, Any]]:
-    """The chat conversation for one request; texts are normalised here."""
+    """The chat conversation for one request; texts are normalised here.
+
+    `history` holds earlier chunks of a long text as (text, codes): each becomes a user
+    turn and an assistant turn with its audio codes, so the voice carries on.
+    """
     text = normalize_text(text)
-    tags = sorted(set(SPEAKER_TAG.findall(text)), key=_speaker_key)
+    spoken = [text, *(normalize_text(earlier) for earlier, _ in history)]
+    tags = sorted(set(SPEAKER_TAG.findall(" ".join(spoken))), key=_speaker_key)
     system = MULTI_SPEAKER_SYSTEM if tags or speakers else SINGLE_SPEAKER_SYSTEM
     scene_items = [_text(scene)] if scene else []
     clone_turns: list[dict[str, Any]] = []
 
     if speakers:
         for tag in sorted(speakers, key=_speaker_key):
-            spoken = speakers[tag]
-            if isinstance(spoken, VoiceDescription):
-                scene_items.append(_text(f"{tag}: {spoken.text}"))
+            chosen = speakers[tag]
+            if isinstance(chosen, VoiceDescription):
+                scene_items.append(_text(f"{tag}: {chosen.text}"))
             else:
-                scene_items += [_text(f"{tag}:"), _audio(spoken)]
+                scene_items += [_text(f"{tag}:"), _audio(chosen)]
     elif tags:
         scene_items += [_text(f"{tag}: {SMART_VOICES[_speaker_key(tag) % 2]}") for tag in tags]
     elif isinstance(voice, VoiceDescription):
@@ -103,7 +112,20 @@ def build_conversation(
             {"role": "assistant", "content": [_audio(voice)]},
         ]
 
+    context_turns = [
+        turn
+        for earlier, codes in history
+        for turn in (
+            {"role": "user", "content": [_text(normalize_text(earlier))]},
+            {"role": "assistant", "content": [{"type": "audio", "codes": codes}]},
+        )
+    ]
     conversation = [{"role": "system", "content": [_text(system)]}]
     if scene_items:
         conversation.append({"role": "scene", "content": scene_items})
-    return [*conversation, *clone_turns, {"role": "user", "content": [_text(text)]}]
+    return [
+        *conversation,
+        *clone_turns,
+        *context_turns,
+        {"role": "user", "content": [_text(text)]},
+    ]

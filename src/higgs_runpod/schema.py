@@ -31,6 +31,7 @@ from .settings import Settings
 AudioFormat = Literal["wav", "flac", "mp3", "opus", "aac", "pcm"]
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 OPUS_SAMPLE_RATES = (8000, 16000, 24000, 48000)
+STREAM_FORMATS = ("wav", "pcm")
 SPEAKER_TAG = re.compile(r"\[(SPEAKER\d+)\]")
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -107,6 +108,15 @@ Voice = Annotated[
 ]
 
 
+class ChunkingOptions(_Strict):
+    """How a long text is split (see chunking.py)."""
+
+    method: Literal["auto", "none", "speaker", "word"] = "auto"
+    max_words: int = Field(default=100, ge=10, le=1000)
+    max_turns: int = Field(default=1, ge=1, le=50)
+    context_chunks: int = Field(default=2, ge=0, le=16)
+
+
 class SpeechRequest(_Strict):
     """One text-to-speech job. Defaults follow upstream Higgs Audio v2 serving."""
 
@@ -123,20 +133,15 @@ class SpeechRequest(_Strict):
     ras_win_max_num_repeat: int = Field(default=2, ge=1, le=64)
     format: AudioFormat = "wav"
     sample_rate: int = 24_000
+    chunking: ChunkingOptions = ChunkingOptions()
+    stream: bool = False
+    output: Literal["inline", "s3"] | None = None  # None: s3 when a bucket is configured
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
     def _int_is_a_float(cls, value: Any) -> Any:
         # strict mode refuses 1 for a float field; JSON callers mean 1.0.
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-    @field_validator("text")
-    @classmethod
-    def _text_limit(cls, text: str, info: ValidationInfo) -> str:
-        limit = _settings(info).max_text_chars
-        if len(text) > limit:
-            raise ValueError(f"is {len(text)} characters long; the limit is {limit}")
-        return text
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -154,7 +159,24 @@ class SpeechRequest(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _text_limit(self, info: ValidationInfo) -> SpeechRequest:
+        settings = _settings(info)
+        if self.chunking.method == "none":
+            limit, why = settings.max_text_chars, ""
+        else:
+            limit, why = settings.max_long_text_chars, " with chunking"
+        if len(self.text) > limit:
+            raise RequestError(
+                "text", f"is {len(self.text)} characters long; the limit{why} is {limit}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> SpeechRequest:
+        if self.stream and self.format not in STREAM_FORMATS:
+            raise RequestError(
+                "format", f"streaming supports {' and '.join(STREAM_FORMATS)}, not {self.format}"
+            )
         if self.format == "opus" and self.sample_rate not in OPUS_SAMPLE_RATES:
             rates = ", ".join(map(str, OPUS_SAMPLE_RATES))
             raise RequestError("sample_rate", f"opus supports {rates}, not {self.sample_rate}")

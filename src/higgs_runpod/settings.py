@@ -42,7 +42,10 @@ class Settings(BaseSettings):
         default=False, description="Load the model on the first request instead of at start."
     )
     voices_path: Path = Field(default_factory=_default_voices_path)
-    max_text_chars: int = Field(default=2000, ge=1)
+    max_text_chars: int = Field(default=2000, ge=1, description="Longest text said in one go.")
+    max_long_text_chars: int = Field(
+        default=100_000, ge=1, description="Longest text when chunking is on (the default)."
+    )
     max_new_tokens_limit: int = Field(default=2048, ge=1)
     max_ref_audio_bytes: int = Field(default=10_000_000, ge=1)
     max_ref_audio_seconds: float = Field(default=30.0, gt=0)
@@ -50,6 +53,47 @@ class Settings(BaseSettings):
     allow_http_audio_urls: bool = Field(default=False, description="Allow plain http:// URLs.")
     allow_private_audio_urls: bool = Field(
         default=False, description="Allow URLs that resolve to private or loopback addresses."
+    )
+    enable_streaming: bool = Field(
+        default=False,
+        description="Start the streaming handler (a generator): `stream: true` jobs stream "
+        "through /stream, and every job's output becomes a list.",
+    )
+    stream_first_frames: int = Field(
+        default=5, ge=1, description="Frames (40 ms each) in the first streamed piece."
+    )
+    stream_piece_frames: int = Field(
+        default=25, ge=1, le=100, description="Frames in each later streamed piece."
+    )
+    s3_bucket: str | None = Field(
+        default=None, description="Bucket for audio output; with credentials, enables output=s3."
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (R2, MinIO, RunPod); unset: AWS."
+    )
+    s3_prefix: str = Field(default="higgs-runpod/", description="Key prefix of uploaded audio.")
+    s3_url_expires: int = Field(
+        default=3600, ge=1, le=604_800, description="Lifetime of presigned URLs, seconds."
+    )
+    aws_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id.")
+    aws_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    aws_default_region: str | None = Field(
+        default=None, description="S3 region; unset: from an AWS endpoint URL, else us-east-1."
+    )
+    bucket_endpoint_url: str | None = Field(
+        default=None, description="RunPod's name for S3_ENDPOINT_URL (used when that is unset)."
+    )
+    bucket_access_key_id: SecretStr | None = Field(
+        default=None, description="RunPod's name for AWS_ACCESS_KEY_ID."
+    )
+    bucket_secret_access_key: SecretStr | None = Field(
+        default=None, description="RunPod's name for AWS_SECRET_ACCESS_KEY."
+    )
+    max_inline_audio_bytes: int = Field(
+        default=7_000_000,
+        ge=1,
+        description="Largest audio returned inline (base64 adds a third; RunPod's /run "
+        "result limit is about 10 MB). Larger audio is uploaded or refused.",
     )
     ready_file: Path = Field(
         default=Path("/tmp/higgs-runpod/ready.json"),

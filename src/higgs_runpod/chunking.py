@@ -1,0 +1,107 @@
+"""Long texts split into chunks the model can say well, one voice across all of them.
+
+Methods (upstream's meanings): `speaker` cuts at [SPEAKERn] turns, `max_turns` turns a
+chunk; `word` cuts paragraphs into chunks of at most `max_words` words, at sentence ends
+where it can; `none` keeps the text whole; `auto` picks `speaker` for tagged dialogue,
+`word` for text longer than `max_words`, else `none`. Chinese, Japanese and Korean
+characters count as one word each (they have no spaces, and a character is about a
+syllable of speech). Spans index into the request's original text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .schema import SPEAKER_TAG, ChunkingOptions
+
+_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[\w'\u2019])+")
+_SENTENCE_END = re.compile(rf"(?<=[.!?。！？])(?:\s+|(?=[{_CJK}]))")  # noqa: RUF001
+_PARAGRAPH = re.compile(r"\n\s*\n")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int  # character span [start, end) in the original text
+    end: int
+    text: str
+
+
+def count_words(text: str) -> int:
+    return len(_WORD.findall(text))
+
+
+def split_text(text: str, options: ChunkingOptions) -> list[Chunk]:
+    """Split `text` into chunks by `options.method` (see the module docstring)."""
+    method = options.method
+    if method == "auto":
+        if SPEAKER_TAG.search(text):
+            method = "speaker"
+        elif count_words(text) > options.max_words:
+            method = "word"
+        else:
+            method = "none"
+    if method == "speaker":
+        spans = _by_turns(text, options.max_turns)
+    elif method == "word":
+        spans = _by_words(text, options.max_words)
+    else:
+        spans = [(0, len(text))]
+    chunks = [_chunk(text, start, end) for start, end in spans]
+    return [chunk for chunk in chunks if chunk.text]
+
+
+def _chunk(text: str, start: int, end: int) -> Chunk:
+    """Trim whitespace off a span, keeping the span exact."""
+    piece = text[start:end]
+    start += len(piece) - len(piece.lstrip())
+    end -= len(piece) - len(piece.rstrip())
+    return Chunk(start, max(start, end), text[start:end])
+
+
+def _by_turns(text: str, max_turns: int) -> list[tuple[int, int]]:
+    starts = [match.start() for match in SPEAKER_TAG.finditer(text)]
+    if not starts or (starts[0] > 0 and text[: starts[0]].strip()):
+        starts = [0, *starts]
+    groups = starts[::max_turns]
+    return list(zip(groups, [*groups[1:], len(text)], strict=True))
+
+
+def _by_words(text: str, max_words: int) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for paragraph in _spans_between(_PARAGRAPH, text, 0, len(text)):
+        sentences = _spans_between(_SENTENCE_END, text, *paragraph)
+        current: tuple[int, int] | None = None
+        current_words = 0
+        for sentence in (piece for s in sentences for piece in _split_long(text, s, max_words)):
+            words = count_words(text[sentence[0] : sentence[1]])
+            if current is not None and current_words + words > max_words:
+                spans.append(current)
+                current = None
+            if current is None:
+                current, current_words = sentence, words
+            else:
+                current, current_words = (current[0], sentence[1]), current_words + words
+        if current is not None:
+            spans.append(current)
+    return spans
+
+
+def _spans_between(separator: re.Pattern[str], text: str, start: int, end: int):
+    """Spans of text[start:end] between matches of `separator`."""
+    spans, position = [], start
+    for match in separator.finditer(text, start, end):
+        spans.append((position, match.start()))
+        position = match.end()
+    spans.append((position, end))
+    return [span for span in spans if text[span[0] : span[1]].strip()]
+
+
+def _split_long(text: str, span: tuple[int, int], max_words: int) -> list[tuple[int, int]]:
+    """A sentence longer than max_words, cut into runs of max_words words."""
+    words = list(_WORD.finditer(text, span[0], span[1]))
+    if len(words) <= max_words:
+        return [span]
+    cuts = [words[i].start() for i in range(0, len(words), max_words)]
+    return list(zip([span[0], *cuts[1:]], [*cuts[1:], span[1]], strict=True))
