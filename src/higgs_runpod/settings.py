@@ -143,6 +143,18 @@ class Settings(BaseSettings):
         description="A download lock whose heartbeat stopped this long ago is taken over.",
     )
 
+    ready_file: Path = Field(
+        default=Path("/tmp/higgs-runpod/ready.json"),
+        description="Written by the worker once its model is loaded; read by the health check.",
+    )
+    runpod_api_key: SecretStr | None = Field(
+        default=None, description="RunPod API key, used only by `higgs-runpod deploy`."
+    )
+    runpod_api_url: str = Field(
+        default="https://api.runpod.io",
+        description="RunPod REST API (v2) base URL, used only by `higgs-runpod deploy`.",
+    )
+
     @model_validator(mode="after")
     def _default_checkpoint_paths(self) -> Settings:
         root = default_checkpoint_root()
