@@ -146,6 +146,20 @@ def local_server(
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def streaming_server(
+    base_env: dict, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServer]:
+    server = LocalServer(
+        {**base_env, "ENABLE_STREAMING": "1"}, tmp_path_factory.mktemp("stream") / "server.log"
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 # --- S3 (issue 5): moto on loopback, and a worker that uploads to it ----------------------
 
 # Distinctive fake credentials: tests grep outputs and logs for them.

@@ -336,3 +336,17 @@ def test_python_api_inline_on_s3_server(s3_server: LocalServer, tmp_path: Path) 
     data, rate = soundfile.read(io.BytesIO((tmp_path / "x.wav").read_bytes()))
     assert rate == 24_000
     assert len(data) / rate == pytest.approx(output["duration_s"], abs=1e-3)
+
+
+def test_client_joins_a_stream_from_a_streaming_endpoint(streaming_server, tmp_path: Path) -> None:
+    """Against the generator handler, outputs are lists; the client writes one file."""
+    job = {"text": "Joined by the client.", "seed": 2, "max_new_tokens": 50, "format": "wav"}
+    streamed = speak({**job, "stream": True}, tmp_path / "streamed.wav", url=streaming_server.url)
+    plain = speak(job, tmp_path / "plain.wav", url=streaming_server.url)
+    assert streamed["done"] and streamed["pieces"] > 1
+    streamed_audio, rate = soundfile.read(tmp_path / "streamed.wav", dtype="int16")
+    plain_audio, _ = soundfile.read(tmp_path / "plain.wav", dtype="int16")
+    assert rate == 24_000
+    assert len(streamed_audio) == plain["usage"]["audio_frames"] * 960
+    # Piecewise decoding differs from one pass by ~1e-9: at most one step of 16-bit rounding.
+    assert abs(streamed_audio.astype(int) - plain_audio).max() <= 1

@@ -56,7 +56,7 @@ def pcm(data: bytes) -> np.ndarray:
     with av.open(io.BytesIO(data)) as container:
         return np.concatenate(
             [frame.to_ndarray().reshape(-1) for frame in container.decode(audio=0)]
-        )
+        ).astype(np.int32)
 
 
 def completed(server: LocalServer, job_input: dict) -> dict:
@@ -192,20 +192,6 @@ def test_private_addresses_refused_by_default(
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def streaming_server(
-    base_env: dict, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalServer]:
-    server = LocalServer(
-        {**base_env, "ENABLE_STREAMING": "1"}, tmp_path_factory.mktemp("stream") / "server.log"
-    )
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
 def test_stream_through_the_local_api_server(streaming_server: LocalServer) -> None:
     job = {"text": "Streaming over HTTP.", "seed": 9, "max_new_tokens": 60, "format": "wav"}
     job_id = httpx.post(
@@ -223,7 +209,8 @@ def test_stream_through_the_local_api_server(streaming_server: LocalServer) -> N
     whole = streaming_server.runsync(job)
     assert whole["status"] == "COMPLETED"
     [output] = whole["output"]
-    assert np.array_equal(pcm(base64.b64decode(output["audio_base64"])), pcm(joined))
+    difference = pcm(base64.b64decode(output["audio_base64"])) - pcm(joined)
+    assert np.abs(difference).max() <= 1  # one step of 16-bit rounding at most
 
 
 def test_stream_errors_come_as_the_output(streaming_server: LocalServer) -> None:

@@ -140,10 +140,7 @@ class Endpoint:
                 progress = job.get("output") if status == "IN_PROGRESS" else None
                 on_update(JobUpdate(job_id, status, time.monotonic() - started, progress, queued))
             if status == "COMPLETED":
-                output = job.get("output")
-                if not isinstance(output, dict):
-                    raise JobFailed(job_id, status, f"unexpected output: {str(output)[:200]}")
-                return output
+                return _one_output(job_id, job.get("output"))
             if status in TERMINAL:
                 raise JobFailed(job_id, status, _failure_message(job))
             if time.monotonic() + delay > deadline:
@@ -282,6 +279,26 @@ def speak(
         output = endpoint.run(job_input, s3_config=s3_config, on_update=on_update)
     save_audio(output, path)
     return output
+
+
+def _one_output(job_id: str, output: Any) -> dict[str, Any]:
+    """The job's output as one object, whatever handler the endpoint runs.
+
+    A streaming endpoint (ENABLE_STREAMING) returns a list: one response object for a
+    plain job, or audio pieces then a summary for a `stream: true` job; the pieces of a
+    stream are joined here into one file.
+    """
+    if isinstance(output, dict):
+        return output
+    if not isinstance(output, list) or not output or not isinstance(output[-1], dict):
+        raise JobFailed(job_id, "COMPLETED", f"unexpected output: {str(output)[:200]}")
+    if "error" in output[-1]:
+        raise JobFailed(job_id, "FAILED", str(output[-1]["error"]))
+    if len(output) == 1:
+        return output[0]
+    *pieces, summary = output
+    audio = b"".join(base64.b64decode(piece["audio_base64"]) for piece in pieces)
+    return {**summary, "audio_base64": base64.b64encode(audio).decode("ascii")}
 
 
 def _remaining(deadline: float) -> float:
