@@ -116,6 +116,8 @@ def cmd_speak(args: argparse.Namespace) -> int:
     job_input = synth_input(args)
     if args.delivery:
         job_input["output"] = args.delivery
+    if args.stream:
+        job_input["stream"] = True
     api_key = os.environ.get("RUNPOD_API_KEY")
     if args.endpoint and not api_key:
         print("error: set RUNPOD_API_KEY to call a RunPod endpoint", file=sys.stderr)  # noqa: T201
@@ -214,6 +216,24 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     )
 
 
+def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The request fields that `synth` and `speak` share (see synth_input)."""
+    parser.add_argument("text")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--format", choices=FORMATS, help="default: from the file extension")
+    voice = parser.add_mutually_exclusive_group()
+    voice.add_argument("--voice", help="a voice from the library")
+    voice.add_argument("--voice-file", type=Path, help="a reference clip to clone")
+    parser.add_argument("--transcript", help="what the reference clip says")
+    parser.add_argument("--scene")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--sample-rate", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="higgs-runpod", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -227,44 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     synth = commands.add_parser("synth", help="synthesise one text in-process to a file")
-    synth.add_argument("text")
-    synth.add_argument("-o", "--output", type=Path, required=True)
-    synth.add_argument("--format", choices=FORMATS, help="default: from the file extension")
-    voice = synth.add_mutually_exclusive_group()
-    voice.add_argument("--voice", help="a voice from the library")
-    voice.add_argument("--voice-file", type=Path, help="a reference clip to clone")
-    synth.add_argument("--transcript", help="what the reference clip says")
-    synth.add_argument("--scene")
-    synth.add_argument("--seed", type=int)
-    synth.add_argument("--temperature", type=float)
-    synth.add_argument("--top-p", type=float)
-    synth.add_argument("--top-k", type=int)
-    synth.add_argument("--max-new-tokens", type=int)
-    synth.add_argument("--sample-rate", type=int)
+    _add_request_arguments(synth)
     synth.set_defaults(func=cmd_synth)
 
     speak = commands.add_parser(
         "speak", help="call a deployed endpoint (or a local serve) and save the audio"
     )
-    speak.add_argument("text")
-    speak.add_argument("-o", "--output", type=Path, required=True)
+    _add_request_arguments(speak)
     target = speak.add_mutually_exclusive_group(required=True)
     target.add_argument("--endpoint", help="RunPod endpoint id (needs RUNPOD_API_KEY)")
     target.add_argument(
         "--url", help="endpoint base URL: https://api.runpod.ai/v2/ID or http://127.0.0.1:8000"
     )
-    speak.add_argument("--format", choices=FORMATS, help="default: from the file extension")
-    speak_voice = speak.add_mutually_exclusive_group()
-    speak_voice.add_argument("--voice", help="a voice from the worker's library")
-    speak_voice.add_argument("--voice-file", type=Path, help="a reference clip to clone")
-    speak.add_argument("--transcript", help="what the reference clip says")
-    speak.add_argument("--scene")
-    speak.add_argument("--seed", type=int)
-    speak.add_argument("--temperature", type=float)
-    speak.add_argument("--top-p", type=float)
-    speak.add_argument("--top-k", type=int)
-    speak.add_argument("--max-new-tokens", type=int)
-    speak.add_argument("--sample-rate", type=int)
+    speak.add_argument(
+        "--stream", action="store_true", help="stream (endpoints with ENABLE_STREAMING; wav/pcm)"
+    )
     speak.add_argument(
         "--delivery", choices=("inline", "s3"), help="request field output (default: worker's)"
     )
