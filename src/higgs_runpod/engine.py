@@ -26,9 +26,11 @@ from transformers import (
     HiggsAudioV2ForConditionalGeneration,
     HiggsAudioV2Processor,
     HiggsAudioV2TokenizerModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 
-from .errors import ModelNotFoundError, OutOfMemoryError
+from .errors import GenerationCancelled, ModelNotFoundError, OutOfMemoryError
 from .model_store import check_checkpoints
 from .settings import Settings
 
@@ -145,12 +147,24 @@ class Engine:
         self.model = model
         log.info("model loaded: %.1fM parameters", model.num_parameters() / 1e6)
 
-    def synthesize(self, conversation: list[dict[str, Any]], params: SamplingParams) -> Synthesis:
-        """Generate speech for one conversation (see prompts.build_conversation)."""
+    def synthesize(
+        self,
+        conversation: list[dict[str, Any]],
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+    ) -> Synthesis:
+        """Generate speech for one conversation (see prompts.build_conversation).
+
+        Setting `cancel` (from another thread) stops generation at the next decode step
+        and raises `GenerationCancelled`, so a caller that went away frees the model.
+        """
         self.load()
+        cancel = cancel or threading.Event()
         with self._generate_lock:
             try:
-                return self._synthesize(conversation, params)
+                if cancel.is_set():
+                    raise GenerationCancelled("cancelled before generation started")
+                return self._synthesize(conversation, params, cancel)
             except torch.cuda.OutOfMemoryError:
                 raise OutOfMemoryError(
                     "the GPU ran out of memory for this request; try a shorter text, a shorter "
@@ -161,7 +175,9 @@ class Engine:
                     torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def _synthesize(self, conversation: list[dict[str, Any]], params: SamplingParams) -> Synthesis:
+    def _synthesize(
+        self, conversation: list[dict[str, Any]], params: SamplingParams, cancel: threading.Event
+    ) -> Synthesis:
         assert self.model is not None
         processor = self._processor
         start = time.perf_counter()
@@ -179,8 +195,14 @@ class Engine:
         seed = params.seed if params.seed is not None else random.randrange(2**32)
         torch.manual_seed(seed)
         start = time.perf_counter()
-        sequences = self.model.generate(**inputs, generation_config=self._generation_config(params))
+        sequences = self.model.generate(
+            **inputs,
+            generation_config=self._generation_config(params),
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]),
+        )
         generate_ms = _ms_since(start)
+        if cancel.is_set():
+            raise GenerationCancelled(f"cancelled after {sequences.shape[1]} decode steps")
 
         start = time.perf_counter()
         generated = sequences[0, prompt_audio_len:]
@@ -234,3 +256,14 @@ class Engine:
         if body.shape[0] < body.shape[1]:
             return body.new_zeros((0, body.shape[1]))
         return processor.revert_delay_pattern(body).clamp(0, bos - 1)
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops every sequence of the batch once the event is set (checked each decode step)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        stop = self.event.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

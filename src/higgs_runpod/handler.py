@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import audio
+from . import audio, tempo
 from .engine import Engine, SamplingParams, Synthesis
 from .errors import HiggsRunpodError, RequestError
 from .prompts import build_conversation
@@ -88,24 +89,26 @@ class Worker:
         speech = await self.speak(request)
         return {"audio_base64": base64.b64encode(speech.audio).decode("ascii"), **speech.metadata()}
 
-    async def speak(self, request: SpeechRequest) -> Speech:
-        """A validated request to encoded audio; the model runs off the event loop."""
+    async def speak(self, request: SpeechRequest, cancel: threading.Event | None = None) -> Speech:
+        """A validated request to encoded audio; the model runs off the event loop.
+
+        `cancel` lets a front whose caller went away stop the generation (see Engine).
+        """
         started = time.perf_counter()
         conversation = await asyncio.to_thread(self._conversation, request)
         resolve_ms = (time.perf_counter() - started) * 1000.0
         load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
         synthesis = await asyncio.to_thread(
-            self.engine.synthesize, conversation, _sampling(request)
+            self.engine.synthesize, conversation, _sampling(request), cancel
         )
         encode_start = time.perf_counter()
-        samples = audio.resample(synthesis.samples, synthesis.sample_rate, request.sample_rate)
-        encoded = audio.encode(samples, request.sample_rate, request.format)
+        encoded, duration_s = await asyncio.to_thread(_encode, synthesis, request)
         encode_ms = (time.perf_counter() - encode_start) * 1000.0
         return Speech(
             audio=encoded,
             format=request.format,
             sample_rate=request.sample_rate,
-            duration_s=len(samples) / request.sample_rate,
+            duration_s=duration_s,
             synthesis=synthesis,
             timings_ms={
                 "load": load_ms,
@@ -131,6 +134,14 @@ class Worker:
             voice=voice,
             speakers=speakers,
         )
+
+
+def _encode(synthesis: Synthesis, request: SpeechRequest) -> tuple[bytes, float]:
+    """Speed, sample rate and format as requested; returns the bytes and their duration."""
+    samples = tempo.time_stretch(synthesis.samples, synthesis.sample_rate, request.speed)
+    samples = audio.resample(samples, synthesis.sample_rate, request.sample_rate)
+    encoded = audio.encode(samples, request.sample_rate, request.format)
+    return encoded, len(samples) / request.sample_rate
 
 
 def _sampling(request: SpeechRequest) -> SamplingParams:
