@@ -39,6 +39,7 @@ from .voices import list_library
 log = logging.getLogger(__name__)
 
 SPEECH_ROUTE = "/v1/audio/speech"
+_INTERNAL = "internal error while generating speech; the worker log has the details"
 ROUTES = frozenset({"/", "/ping", "/metrics", "/v1/models", "/v1/audio/voices", SPEECH_ROUTE})
 
 
@@ -229,7 +230,13 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
             service.worker, parsed.request, settings.http_stream_chunk_bytes, service.release
         )
         started = time.perf_counter()
-        first = await _first_piece(stream, request, service.metrics)
+        try:
+            first = await _first_piece(stream, request, service.metrics)
+        except (HiggsRunpodError, ClientGone):
+            raise
+        except Exception as error:  # ours: log it whole, tell the caller little
+            log.exception("speech request failed with an internal error")
+            raise ApiError(500, _INTERNAL, type="server_error") from error
         service.metrics.generation_seconds.observe(time.perf_counter() - started)
         assert stream.speech is not None
         service.metrics.audio_seconds.inc(stream.speech.duration_s)
@@ -266,8 +273,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("internal error on %s", request.url.path)
-        message = "internal error while generating speech; the worker log has the details"
-        return ApiError(500, message, type="server_error").response()
+        return ApiError(500, _INTERNAL, type="server_error").response()
 
     return CountRequests(app, service.metrics, ROUTES)  # type: ignore[return-value]
 

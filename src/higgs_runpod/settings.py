@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 VOLUME = Path("/runpod-volume")
 
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     higgs_api_key: SecretStr | None = Field(
         default=None, description="When set, HTTP routes but /ping and / need this Bearer key."
     )
-    openai_voice_map: dict[str, str] = Field(
+    openai_voice_map: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_OPENAI_VOICE_MAP),
         description="OpenAI voice name -> library voice, as `alloy=belinda,echo=en_man`.",
     )
