@@ -4,8 +4,12 @@ Built on transformers' native Higgs Audio v2 classes. The processor is assembled
 parts (text tokenizer and chat template from MODEL_PATH, the audio tokenizer from
 TOKENIZER_PATH) so that nothing is looked up on the hub at run time.
 
-    conversation --processor--> input ids + reference codes --generate--> delayed codes
-                 --revert delay--> codes (frames x codebooks) --audio tokenizer--> samples
+    conversation --chat template--> text + reference codes --generate--> delayed steps
+                 --DelayAligner--> codes (frames x codebooks) --audio tokenizer--> samples
+
+Audio in a conversation is either a waveform (`{"type": "audio", "audio": samples}`,
+encoded here) or codes already (`{"type": "audio", "codes": tensor}`), which is how long
+texts carry earlier chunks as context without re-encoding them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 from transformers import (
     AutoTokenizer,
+    BatchFeature,
     DacFeatureExtractor,
     GenerationConfig,
     HiggsAudioV2ForConditionalGeneration,
@@ -30,11 +36,14 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from .errors import GenerationCancelled, ModelNotFoundError, OutOfMemoryError
+from .errors import ModelNotFoundError, OutOfMemoryError
 from .model_store import check_checkpoints
 from .settings import Settings
+from .streaming import DelayAligner, receptive_field_frames
 
 log = logging.getLogger(__name__)
+
+FrameCallback = Callable[[torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Synthesis:
-    samples: np.ndarray  # float32 mono at sample_rate
+    samples: np.ndarray  # float32 mono at sample_rate (empty when not decoded)
     sample_rate: int
     codes: torch.Tensor  # (frames, codebooks), on the CPU
     prompt_tokens: int
@@ -89,6 +98,7 @@ class Engine:
         self._generate_lock = threading.Lock()
         self.model: HiggsAudioV2ForConditionalGeneration | None = None
         self.processor: HiggsAudioV2Processor | None = None
+        self.decoder_context_frames = 0  # frames each side that one frame's audio depends on
 
     @property
     def is_loaded(self) -> bool:
@@ -145,26 +155,30 @@ class Engine:
             audio_stream_eos_id=model.config.audio_stream_eos_id,
         )
         self.model = model
+        self.decoder_context_frames = receptive_field_frames(
+            self.decode_codes, model.config.num_codebooks
+        )
         log.info("model loaded: %.1fM parameters", model.num_parameters() / 1e6)
 
     def synthesize(
         self,
         conversation: list[dict[str, Any]],
         params: SamplingParams,
+        *,
         cancel: threading.Event | None = None,
+        on_frames: FrameCallback | None = None,
+        decode: bool = True,
     ) -> Synthesis:
         """Generate speech for one conversation (see prompts.build_conversation).
 
-        Setting `cancel` (from another thread) stops generation at the next decode step
-        and raises `GenerationCancelled`, so a caller that went away frees the model.
+        `on_frames` receives each batch of newly completed frames (frames x codebooks) from
+        the generating thread as soon as every codebook has them; setting `cancel` stops
+        generation after the current step.
         """
         self.load()
-        cancel = cancel or threading.Event()
         with self._generate_lock:
             try:
-                if cancel.is_set():
-                    raise GenerationCancelled("cancelled before generation started")
-                return self._synthesize(conversation, params, cancel)
+                return self._synthesize(conversation, params, cancel, on_frames, decode)
             except torch.cuda.OutOfMemoryError:
                 raise OutOfMemoryError(
                     "the GPU ran out of memory for this request; try a shorter text, a shorter "
@@ -175,50 +189,117 @@ class Engine:
                     torch.cuda.empty_cache()
 
     @torch.inference_mode()
+    def encode_clip(self, samples: np.ndarray) -> torch.Tensor:
+        """A reference clip (float32 mono at sample_rate) -> codes (frames x codebooks)."""
+        processor = self._processor
+        features = processor.feature_extractor(
+            samples, sampling_rate=self.sample_rate, return_tensors="pt"
+        )
+        input_values = features["input_values"].to(self.device)
+        codes = processor.audio_tokenizer.encode(input_values).audio_codes
+        return codes[0].T
+
+    @torch.inference_mode()
+    def decode_codes(self, codes: torch.Tensor) -> np.ndarray:
+        """Codes (frames x codebooks) -> float32 mono samples."""
+        if codes.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        audio = self._processor.audio_tokenizer.decode(codes.T.unsqueeze(0).to(self.device))
+        return audio.audio_values.float().reshape(-1).cpu().numpy()
+
+    def _prepare(self, conversation: list[dict[str, Any]]) -> BatchFeature:
+        """Render the chat template and put each clip's delayed codes where its placeholder is.
+
+        The same steps as the processor's own `__call__`, except that clips given as codes
+        are used as they are instead of being decoded and encoded again.
+        """
+        processor = self._processor
+        text = processor.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        clips = [item for m in conversation for item in m["content"] if item["type"] == "audio"]
+        pieces = text.split(processor.audio_token)
+        if len(pieces) != len(clips) + 1:
+            raise ValueError("the chat template placed a different number of clips")
+        delayed = [self._delayed(self._clip_codes(clip)) for clip in clips]
+        text = pieces[0] + "".join(
+            processor.get_audio_tokens(len(steps)) + piece
+            for steps, piece in zip(delayed, pieces[1:], strict=True)
+        )
+        inputs = processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        if delayed:
+            audio_input_ids = torch.cat(delayed).unsqueeze(0)
+            inputs["audio_input_ids"] = audio_input_ids
+            inputs["audio_input_ids_mask"] = torch.ones(audio_input_ids.shape[:2], dtype=torch.bool)
+        return inputs.to(self.device)
+
+    def _clip_codes(self, clip: dict[str, Any]) -> torch.Tensor:
+        return clip["codes"] if "codes" in clip else self.encode_clip(clip["audio"])
+
+    def _delayed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (frames x codebooks) -> stream BOS + codes + EOS in the delay pattern."""
+        processor = self._processor
+        codes = codes.T.unsqueeze(0).to(self.device)
+        bos = codes.new_full((1, codes.shape[1], 1), processor.audio_stream_bos_id)
+        eos = codes.new_full((1, codes.shape[1], 1), processor.audio_stream_eos_id)
+        return processor.build_delay_pattern(torch.cat([bos, codes, eos], dim=2))[0].T
+
+    @torch.inference_mode()
     def _synthesize(
-        self, conversation: list[dict[str, Any]], params: SamplingParams, cancel: threading.Event
+        self,
+        conversation: list[dict[str, Any]],
+        params: SamplingParams,
+        cancel: threading.Event | None,
+        on_frames: FrameCallback | None,
+        decode: bool,
     ) -> Synthesis:
         assert self.model is not None
         processor = self._processor
         start = time.perf_counter()
-        inputs = processor.apply_chat_template(
-            conversation,
-            tokenize=True,
-            add_generation_prompt=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"sampling_rate": self.sample_rate},
-        ).to(self.device)
+        inputs = self._prepare(conversation)
         prompt_audio_len = inputs["audio_input_ids"].shape[1] if "audio_input_ids" in inputs else 0
         prepare_ms = _ms_since(start)
 
         seed = params.seed if params.seed is not None else random.randrange(2**32)
         torch.manual_seed(seed)
-        start = time.perf_counter()
-        sequences = self.model.generate(
-            **inputs,
-            generation_config=self._generation_config(params),
-            stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]),
-        )
-        generate_ms = _ms_since(start)
-        if cancel.is_set():
-            raise GenerationCancelled(f"cancelled after {sequences.shape[1]} decode steps")
+        aligner = DelayAligner(processor.audio_stream_bos_id, processor.audio_stream_eos_id)
+        frames: list[torch.Tensor] = []
+
+        def take(step: torch.Tensor) -> None:
+            new = aligner.push(step.cpu())
+            if new.shape[0]:
+                frames.append(new)
+                if on_frames is not None:
+                    on_frames(new)
 
         start = time.perf_counter()
-        generated = sequences[0, prompt_audio_len:]
-        codes = self._strip_stream_markers(generated)
-        if codes.shape[0] > 0:
-            audio = processor.audio_tokenizer.decode(codes.T.unsqueeze(0)).audio_values
-            samples = audio.float().reshape(-1).cpu().numpy()
-        else:
-            samples = np.zeros(0, dtype=np.float32)
+        hook = self.model.register_forward_pre_hook(_StepTap(take), with_kwargs=True)
+        try:
+            sequences = self.model.generate(
+                **inputs,
+                generation_config=self._generation_config(params),
+                stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]) if cancel else None,
+            )
+        finally:
+            hook.remove()
+        if not aligner.finished:
+            take(sequences[0, -1])  # the last step never goes through forward
+        generate_ms = _ms_since(start)
+
+        start = time.perf_counter()
+        codes = (
+            torch.cat(frames)
+            if frames
+            else torch.zeros((0, self.model.config.num_codebooks), dtype=torch.long)
+        )
+        samples = self.decode_codes(codes) if decode else np.zeros(0, dtype=np.float32)
         decode_ms = _ms_since(start)
         return Synthesis(
             samples=samples,
             sample_rate=self.sample_rate,
-            codes=codes.cpu(),
+            codes=codes,
             prompt_tokens=int(inputs["input_ids"].shape[1]),
-            generated_tokens=int(generated.shape[0]),
+            generated_tokens=int(sequences.shape[1] - prompt_audio_len),
             seed=seed,
             prepare_ms=prepare_ms,
             generate_ms=generate_ms,
@@ -241,29 +322,29 @@ class Engine:
         config.ras_win_max_num_repeat = params.ras_win_max_num_repeat
         return config
 
-    def _strip_stream_markers(self, generated: torch.Tensor) -> torch.Tensor:
-        """Delayed codes as generated (steps x codebooks) -> aligned codes (frames x codebooks).
 
-        Generation opens with all-BOS frames and, when the model finishes, closes with
-        all-EOS frames; the codebooks in between are offset by the delay pattern.
-        """
-        processor = self._processor
-        bos, eos = processor.audio_stream_bos_id, processor.audio_stream_eos_id
-        opening = (generated == bos).all(dim=-1).nonzero()
-        body = generated[int(opening[-1]) + 1 :] if len(opening) else generated
-        closing = (body == eos).all(dim=-1).nonzero()
-        body = body[: int(closing[0])] if len(closing) else body
-        if body.shape[0] < body.shape[1]:
-            return body.new_zeros((0, body.shape[1]))
-        return processor.revert_delay_pattern(body).clamp(0, bos - 1)
+class _StepTap:
+    """Forward pre-hook that sees each generated step as the model reads it back.
+
+    During decoding, generate feeds the model the step it just sampled as
+    `audio_input_ids[:, -1]`; the first call is the prompt (prefill) and is skipped.
+    """
+
+    def __init__(self, take: Callable[[torch.Tensor], None]) -> None:
+        self.take = take
+        self.calls = 0
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            self.take(kwargs["audio_input_ids"][0, -1])
 
 
-class _StopWhenSet(StoppingCriteria):
-    """Stops every sequence of the batch once the event is set (checked each decode step)."""
+class _Cancelled(StoppingCriteria):
+    """Stops generation after the current step once the event is set."""
 
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        stop = self.event.is_set()
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import audio, tempo
 from .engine import Engine, SamplingParams, Synthesis
-from .errors import HiggsRunpodError, RequestError
+from .errors import GenerationCancelled, HiggsRunpodError, RequestError
 from .prompts import build_conversation
 from .schema import SpeechRequest, parse_request
 from .settings import Settings, load_settings
@@ -99,8 +99,10 @@ class Worker:
         resolve_ms = (time.perf_counter() - started) * 1000.0
         load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
         synthesis = await asyncio.to_thread(
-            self.engine.synthesize, conversation, _sampling(request), cancel
+            self.engine.synthesize, conversation, _sampling(request), cancel=cancel
         )
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled(f"cancelled after {synthesis.generated_tokens} decode steps")
         encode_start = time.perf_counter()
         encoded, duration_s = await asyncio.to_thread(_encode, synthesis, request)
         encode_ms = (time.perf_counter() - encode_start) * 1000.0

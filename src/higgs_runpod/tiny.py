@@ -122,7 +122,14 @@ def build_audio_tokenizer(seed: int = 0) -> HiggsAudioV2TokenizerModel:
             "num_conv_pos_embedding_groups": 2,
         },
     )
-    return HiggsAudioV2TokenizerModel(config).eval()
+    model = HiggsAudioV2TokenizerModel(config).eval()
+    # Codebooks start as zero buffers (real ones are learned): give them random vectors so
+    # that decoded audio depends on the codes and encoding picks distinct codes.
+    with torch.no_grad():
+        for quantizer in model.quantizer.quantizers:
+            quantizer.codebook.embed.normal_()
+            quantizer.codebook.embed_avg.copy_(quantizer.codebook.embed)
+    return model
 
 
 def build_model(text_tokenizer: PreTrainedTokenizerFast, seed: int = 0):

@@ -1,0 +1,45 @@
+"""The tiny checkpoint is a real Higgs Audio v2 checkpoint that loads by from_pretrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    HiggsAudioV2ForConditionalGeneration,
+    HiggsAudioV2TokenizerModel,
+)
+
+
+def test_loads_with_the_standard_classes(tiny_checkpoint: tuple[Path, Path]) -> None:
+    model_path, tokenizer_path = tiny_checkpoint
+    model = HiggsAudioV2ForConditionalGeneration.from_pretrained(model_path)
+    audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(tokenizer_path)
+    assert AutoConfig.from_pretrained(model_path).model_type == "higgs_audio_v2"
+    # The model's audio vocabulary is the tokenizer's codes plus stream BOS and EOS.
+    assert model.config.num_codebooks == audio_tokenizer.config.num_quantizers
+    assert model.config.codebook_size == audio_tokenizer.config.codebook_size + 2
+    assert audio_tokenizer.config.frame_rate == 25
+    assert model.num_parameters() < 1_000_000
+
+
+def test_text_tokenizer_has_the_prompt_tokens(tiny_checkpoint: tuple[Path, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint[0])
+    for token in ("<|AUDIO_OUT|>", "<|audio_out_bos|>", "<|scene_desc_start|>", "<|eot_id|>"):
+        assert len(tokenizer.encode(token, add_special_tokens=False)) == 1
+    assert (
+        tokenizer.decode(tokenizer.encode("Grüße, 你好", add_special_tokens=False)) == "Grüße, 你好"
+    )
+
+
+def test_says_it_speaks_noise(tiny_checkpoint: tuple[Path, Path]) -> None:
+    readme = (tiny_checkpoint[0].parent / "README.txt").read_text()
+    assert "speaks noise" in readme
+    assert (
+        json.loads((tiny_checkpoint[0] / "processor_config.json").read_text())[
+            "audio_stream_bos_id"
+        ]
+        == 16
+    )
