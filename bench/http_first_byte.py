@@ -71,7 +71,7 @@ class Server:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
+                if httpx.get(self.url + ready_path, timeout=1).status_code in (200, 307):
                     return
             except httpx.TransportError:
                 pass

@@ -79,10 +79,15 @@ class Service:
         self.in_flight = 0
         self.load_failed = False
 
-    def start_loading(self) -> None:
-        """Load the model in the background so /ping can answer 204 meanwhile."""
+    def start_loading(self) -> asyncio.Future[None] | None:
+        """Load the model in the background so /ping can answer 204 meanwhile.
+
+        It loads on the event loop's default executor, the threads `Worker.speak` runs the
+        model on: loading on a thread of its own left a second OpenMP pool behind that
+        made CPU generation several times slower (measured with bench/http_first_byte.py).
+        """
         if self.settings.lazy_load or self.worker.engine.is_loaded:
-            return
+            return None
 
         def load() -> None:
             try:
@@ -91,7 +96,7 @@ class Service:
                 self.load_failed = True
                 log.exception("loading the model failed")
 
-        threading.Thread(target=load, name="model-load", daemon=True).start()
+        return asyncio.get_running_loop().run_in_executor(None, load)
 
     @property
     def ready(self) -> bool:
@@ -166,8 +171,9 @@ class AudioStream:
             self.on_close()
 
 
-def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
-    """The ASGI app; `worker` defaults to one built from `settings` (model loads at start)."""
+def create_app(settings: Settings, worker: Worker | None = None) -> CountRequests:
+    """The ASGI app (FastAPI inside the request counter; its `.app.state.service` holds the
+    worker); `worker` defaults to one built from `settings` (the model loads at start)."""
     service = Service(settings, worker or Worker(settings))
 
     @asynccontextmanager
@@ -275,7 +281,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> FastAPI:
         log.exception("internal error on %s", request.url.path)
         return ApiError(500, _INTERNAL, type="server_error").response()
 
-    return CountRequests(app, service.metrics, ROUTES)  # type: ignore[return-value]
+    return CountRequests(app, service.metrics, ROUTES)
 
 
 async def _authorize(request: Request) -> None:
