@@ -34,7 +34,11 @@ def test_openai_fields_become_the_worker_request(settings: Settings) -> None:
 
 def test_defaults_follow_openai(settings: Settings) -> None:
     request = parse_openai_speech(body(), settings).request
-    assert (request.format, request.speed) == ("mp3", 1.0)
+    assert (request.format, request.speed, request.scene) == ("mp3", 1.0, None)
+
+
+def test_empty_instructions_mean_none(settings: Settings) -> None:
+    assert parse_openai_speech(body(instructions="  "), settings).request.scene is None
 
 
 def test_higgs_extras_pass_through(settings: Settings) -> None:
@@ -107,7 +111,7 @@ def test_bad_voice_map_setting_is_refused(base_env: dict[str, str]) -> None:
         (body(speed=5), "speed", "less than or equal to 4"),
         (body(speed=0.1), "speed", "greater than or equal to 0.25"),
         (body(stream_format="chunks"), "stream_format", "'audio' or 'sse'"),
-        (body(instructions=""), "instructions", "must not be empty"),
+        (body(instructions=7), "instructions", "valid string"),
         (body(instructions="a", scene="b"), "instructions", "not both"),
         (body(text="hi"), "text", "'input'"),
         (body(format="wav"), "format", "'response_format'"),

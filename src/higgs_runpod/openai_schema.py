@@ -84,6 +84,8 @@ def parse_openai_speech(raw: Any, settings: Settings) -> OpenAISpeech:
     fields = {_RENAMED.get(name, name): value for name, value in body.items()}
     fields.setdefault("format", DEFAULT_RESPONSE_FORMAT)
     instructions = fields.pop("instructions", None)
+    if isinstance(instructions, str) and not instructions.strip():
+        instructions = None  # some clients always send the field, empty
     if instructions is not None:
         if "scene" in fields:
             raise RequestError("instructions", "give either instructions or scene, not both")
