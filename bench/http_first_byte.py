@@ -76,6 +76,7 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
+        self.stop()
         raise TimeoutError(f"{command} did not start")
 
     def stop(self) -> None:
@@ -115,7 +116,11 @@ def main() -> None:
         env = {"MODEL_PATH": str(model_path), "TOKENIZER_PATH": str(tokenizer_path),
                "DEVICE": "cpu", "VOICES_PATH": directory}  # fmt: skip
         http = Server("http", env, free_port(), "/ping")
-        queue = Server("serve", env, free_port(), "/docs")
+        try:
+            queue = Server("serve", env, free_port(), "/docs")
+        except TimeoutError:
+            http.stop()
+            raise
         try:
             calls = {
                 "HTTP /v1/audio/speech (streamed)": (
