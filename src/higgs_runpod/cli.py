@@ -65,6 +65,36 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _start_runpod([])
 
 
+def _serve_http(host: str | None, port: int | None) -> None:
+    """The OpenAI-compatible HTTP server (http_api) under uvicorn; the model loads meanwhile."""
+    import uvicorn
+
+    from .http_api import create_app
+
+    settings = load_settings()
+    host = host or settings.http_host
+    port = port or settings.port
+    if settings.higgs_api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "HIGGS_API_KEY is not set: anyone who reaches %s:%d can use the API", host, port
+        )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+
+
+def cmd_http(args: argparse.Namespace) -> int:
+    _serve_http(args.host, args.port)
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """The image's command: WORKER_MODE=queue (RunPod's job queue) or http (load balancing)."""
+    if load_settings().worker_mode == "http":
+        _serve_http(None, None)
+    else:
+        _start_runpod([])
+    return 0
+
+
 def _format_for(path: Path, requested: str | None) -> str:
     if requested:
         return requested
@@ -245,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run the worker on RunPod's job queue")
     worker.set_defaults(func=cmd_worker)
+
+    http = commands.add_parser("http", help="run the OpenAI-compatible HTTP speech API")
+    http.add_argument("--host", help="default: HTTP_HOST (0.0.0.0)")
+    http.add_argument("--port", type=int, help="default: PORT (8000)")
+    http.set_defaults(func=cmd_http)
+
+    start = commands.add_parser("start", help="run what WORKER_MODE says (queue or http)")
+    start.set_defaults(func=cmd_start)
 
     synth = commands.add_parser("synth", help="synthesise one text in-process to a file")
     _add_request_arguments(synth)

@@ -25,6 +25,10 @@ class ModelNotFoundError(HiggsRunpodError):
     """A checkpoint directory is missing or not a Higgs Audio v2 checkpoint."""
 
 
+class GenerationCancelled(HiggsRunpodError):
+    """The caller went away (an HTTP client disconnected), so generation stopped early."""
+
+
 class OutOfMemoryError(HiggsRunpodError):
     """The device ran out of memory for this request; the worker keeps serving."""
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import audio
+from . import audio, tempo
 from .chunking import split_text
 from .engine import Engine, SamplingParams
 from .errors import HiggsRunpodError, RequestError
@@ -114,25 +114,34 @@ class Worker:
         delivered = await self.storage.deliver(delivery, speech.audio, speech.format, job.get("id"))
         return {**delivered, **speech.metadata()}
 
-    async def speak(self, request: SpeechRequest, progress: Progress | None = None) -> Speech:
-        """A validated request to encoded audio; the model runs off the event loop."""
+    async def speak(
+        self,
+        request: SpeechRequest,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Speech:
+        """A validated request to encoded audio; the model runs off the event loop.
+
+        `cancel` lets a front whose caller went away stop the generation (see Engine).
+        """
         started = time.perf_counter()
         plan = await asyncio.to_thread(self._plan, request)
         resolve_ms = _ms_since(started)
         load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
         counter = _FrameCounter(progress, len(plan.chunks))
-        synthesis = await self._generate(plan, counter.frames, counter.chunk)
+        synthesis = await self._generate(plan, counter.frames, counter.chunk, cancel)
         decode_start = time.perf_counter()
         samples = await asyncio.to_thread(self.engine.decode_codes, synthesis.codes)
         decode_ms = _ms_since(decode_start)
         encode_start = time.perf_counter()
-        samples = audio.resample(samples, self.engine.sample_rate, request.sample_rate)
-        encoded = audio.encode(samples, request.sample_rate, request.format)
+        encoded, duration_s = await asyncio.to_thread(
+            _encode, samples, self.engine.sample_rate, request
+        )
         return Speech(
             audio=encoded,
             format=request.format,
             sample_rate=request.sample_rate,
-            duration_s=len(samples) / request.sample_rate,
+            duration_s=duration_s,
             synthesis=synthesis,
             frame_rate=self.engine.frame_rate,
             timings_ms={
@@ -207,9 +216,14 @@ class Worker:
         plan: _Plan,
         on_frames: Callable[[torch.Tensor], None] | None,
         on_chunk: Callable[[int], None] | None,
+        cancel: threading.Event | None = None,
     ) -> LongSynthesis:
-        """Generate off the event loop; a cancelled job stops generation within a step."""
-        cancel = threading.Event()
+        """Generate off the event loop; a cancelled job stops generation within a step.
+
+        Cancelling comes two ways: RunPod cancels the job's task (CancelledError here), or
+        a front sets `cancel` when its caller goes away (GenerationCancelled from longform).
+        """
+        cancel = cancel or threading.Event()
         try:
             return await asyncio.to_thread(
                 synthesize_chunks, self.engine, plan.chunks, plan.make_conversation, plan.params,
@@ -346,6 +360,14 @@ def _b64(data: bytes) -> str:
 
 def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
+
+
+def _encode(samples: Any, source_rate: int, request: SpeechRequest) -> tuple[bytes, float]:
+    """Speed, sample rate and format as requested; returns the bytes and their duration."""
+    samples = tempo.time_stretch(samples, source_rate, request.speed)
+    samples = audio.resample(samples, source_rate, request.sample_rate)
+    encoded = audio.encode(samples, request.sample_rate, request.format)
+    return encoded, len(samples) / request.sample_rate
 
 
 _worker: Worker | None = None

@@ -19,6 +19,7 @@ import torch
 
 from .chunking import Chunk
 from .engine import Engine, FrameCallback, SamplingParams
+from .errors import GenerationCancelled
 
 Conversation = list[dict[str, Any]]
 MakeConversation = Callable[[str, Sequence[tuple[str, torch.Tensor]]], Conversation]
@@ -63,7 +64,7 @@ def synthesize_chunks(
     on_frames: FrameCallback | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> LongSynthesis:
-    """Generate `chunks` in order; raises `Cancelled` if `cancel` is set meanwhile."""
+    """Generate `chunks` in order; raises `GenerationCancelled` if `cancel` is set meanwhile."""
     seed = params.seed if params.seed is not None else random.randrange(2**32)
     params = replace(params, seed=seed)
     history: list[tuple[str, torch.Tensor]] = []
@@ -83,7 +84,7 @@ def synthesize_chunks(
             decode=False,
         )
         if cancel is not None and cancel.is_set():
-            raise Cancelled
+            raise GenerationCancelled(f"cancelled during chunk {index + 1} of {len(chunks)}")
         history.append((chunk.text, result.codes))
         codes.append(result.codes)
         reports.append(

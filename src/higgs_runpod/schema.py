@@ -27,6 +27,7 @@ from pydantic import (
 
 from .errors import RequestError
 from .settings import Settings
+from .tempo import MAX_SPEED, MIN_SPEED
 
 AudioFormat = Literal["wav", "flac", "mp3", "opus", "aac", "pcm"]
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -131,13 +132,14 @@ class SpeechRequest(_Strict):
     max_new_tokens: int = Field(default=2048, ge=1)
     ras_win_len: int = Field(default=7, ge=0, le=64)
     ras_win_max_num_repeat: int = Field(default=2, ge=1, le=64)
+    speed: float = Field(default=1.0, ge=MIN_SPEED, le=MAX_SPEED)
     format: AudioFormat = "wav"
     sample_rate: int = 24_000
     chunking: ChunkingOptions = ChunkingOptions()
     stream: bool = False
     output: Literal["inline", "s3"] | None = None  # None: s3 when a bucket is configured
 
-    @field_validator("temperature", "top_p", mode="before")
+    @field_validator("temperature", "top_p", "speed", mode="before")
     @classmethod
     def _int_is_a_float(cls, value: Any) -> Any:
         # strict mode refuses 1 for a float field; JSON callers mean 1.0.
@@ -173,6 +175,8 @@ class SpeechRequest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SpeechRequest:
+        if self.stream and self.speed != 1.0:
+            raise RequestError("speed", "streaming supports speed 1.0 only")
         if self.stream and self.format not in STREAM_FORMATS:
             raise RequestError(
                 "format", f"streaming supports {' and '.join(STREAM_FORMATS)}, not {self.format}"

@@ -1,0 +1,367 @@
+"""OpenAI-compatible speech API over HTTP (RunPod load-balancing endpoints, or any host).
+
+The HTTP layer only translates; the audio comes from the same `Worker.speak` as a queue job:
+
+    POST /v1/audio/speech --openai_schema--> SpeechRequest --Worker.speak--> Speech
+         --AudioStream--> chunked audio bytes, or SSE speech.audio.delta / speech.audio.done
+
+Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` from the
+handlers at the bottom of `create_app`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import audio
+from .errors import HiggsRunpodError, RequestError
+from .handler import Speech, Worker
+from .http_metrics import CONTENT_TYPE, CountRequests, Metrics
+from .openai_schema import MODEL_ALIASES, MODEL_ID, OPENAI_VOICES, map_voice, parse_openai_speech
+from .schema import SpeechRequest
+from .settings import Settings
+from .voices import list_library
+
+log = logging.getLogger(__name__)
+
+SPEECH_ROUTE = "/v1/audio/speech"
+_INTERNAL = "internal error while generating speech; the worker log has the details"
+ROUTES = frozenset({"/", "/ping", "/metrics", "/v1/models", "/v1/audio/voices", SPEECH_ROUTE})
+
+
+class ApiError(Exception):
+    """An error response in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type, param, code
+        )  # fmt: skip
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.type, "param": self.param}
+        return JSONResponse({"error": {**error, "code": self.code}}, status_code=self.status)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the first audio byte."""
+
+
+class Service:
+    """The worker plus what the HTTP side keeps: admission count, metrics, load state."""
+
+    def __init__(self, settings: Settings, worker: Worker) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.metrics = Metrics()
+        self.in_flight = 0
+        self.load_failed = False
+
+    def start_loading(self) -> asyncio.Future[None] | None:
+        """Load the model in the background so /ping can answer 204 meanwhile.
+
+        It loads on the event loop's default executor, the threads `Worker.speak` runs the
+        model on: loading on a thread of its own left a second OpenMP pool behind that
+        made CPU generation several times slower (measured with bench/http_first_byte.py).
+        """
+        if self.settings.lazy_load or self.worker.engine.is_loaded:
+            return None
+
+        def load() -> None:
+            try:
+                log.info("model loaded in %.1f s", self.worker.engine.load())
+            except Exception:
+                self.load_failed = True
+                log.exception("loading the model failed")
+
+        return asyncio.get_running_loop().run_in_executor(None, load)
+
+    @property
+    def ready(self) -> bool:
+        return self.settings.lazy_load or self.worker.engine.is_loaded
+
+    def admit(self) -> None:
+        """Take one of HTTP_MAX_IN_FLIGHT places for a speech request, or refuse with 429."""
+        if self.in_flight >= self.settings.http_max_in_flight:
+            self.metrics.rejected.inc()
+            raise ApiError(
+                429,
+                f"the worker is busy ({self.in_flight} requests in flight); retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
+        self._count(+1)
+
+    def release(self) -> None:
+        self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        self.in_flight += delta
+        self.metrics.in_flight.set(self.in_flight)
+        self.metrics.queue_depth.set(max(self.in_flight - 1, 0))
+
+
+class AudioStream:
+    """One request's encoded audio, handed out in pieces as the engine delivers it.
+
+    The engine generates a whole clip before it returns (streaming from the engine is
+    issue 6), so today the pieces are the finished file cut into HTTP_STREAM_CHUNK_BYTES
+    slices: chunked transfer and SSE work, but the first byte comes when generation ends.
+    Only `_generate` needs to change once the engine yields audio as it goes.
+
+    `on_close` runs once the stream ends, fails or is dropped (a started async generator
+    is closed when it is garbage collected), so an admission is always given back.
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        request: SpeechRequest,
+        chunk_bytes: int,
+        on_close: Callable[[], None],
+    ) -> None:
+        self.worker = worker
+        self.request = request
+        self.chunk_bytes = chunk_bytes
+        self.on_close = on_close
+        self.cancel = threading.Event()
+        self.speech: Speech | None = None
+        self._pieces = self._generate()
+
+    async def first(self) -> bytes:
+        """The first piece (b"" for empty audio); errors surface here, before any byte."""
+        return await anext(self._pieces, b"")
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._pieces:
+                yield piece
+        finally:
+            self.cancel.set()  # a client that leaves mid-stream stops the engine too
+
+    async def _generate(self) -> AsyncIterator[bytes]:
+        try:
+            self.speech = await self.worker.speak(self.request, self.cancel)
+            data = self.speech.audio
+            for start in range(0, len(data), self.chunk_bytes):
+                yield data[start : start + self.chunk_bytes]
+        finally:
+            self.on_close()
+
+
+def create_app(settings: Settings, worker: Worker | None = None) -> CountRequests:
+    """The ASGI app (FastAPI inside the request counter; its `.app.state.service` holds the
+    worker); `worker` defaults to one built from `settings` (the model loads at start)."""
+    service = Service(settings, worker or Worker(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start_loading()
+        yield
+
+    app = FastAPI(
+        title="Higgs Audio v2 speech API",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.service = service
+    api = APIRouter(dependencies=[Depends(_authorize)])
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        page = resources.files(__package__).joinpath("static/playground.html")
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        """RunPod's health contract: 200 ready, 204 still loading, 500 unusable."""
+        if service.load_failed:
+            return Response(status_code=500)
+        service.metrics.model_loaded.set(1 if service.worker.engine.is_loaded else 0)
+        return Response(status_code=200 if service.ready else 204)
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        service.metrics.model_loaded.set(1 if service.worker.engine.is_loaded else 0)
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        ids = (MODEL_ID, *MODEL_ALIASES)
+        data = [{"id": i, "object": "model", "created": 0, "owned_by": "bosonai"} for i in ids]
+        return {"object": "list", "data": data}
+
+    @api.get("/v1/audio/voices")
+    async def voices() -> dict[str, Any]:
+        library = [v.name for v in list_library(settings.voices_path)]
+        openai = {name: map_voice(name, settings) for name in OPENAI_VOICES}
+        entries = [{"id": n, "name": n, "type": "library"} for n in library]
+        entries += [
+            {"id": n, "name": n, "type": "openai", "maps_to": target or "smart voice"}
+            for n, target in openai.items()
+            if n not in library
+        ]
+        return {"voices": entries}
+
+    @api.post(SPEECH_ROUTE)
+    async def speech(request: Request) -> Response:
+        body = await _read_json(request, settings.http_max_body_bytes)
+        parsed = parse_openai_speech(body, settings)
+        service.admit()
+        stream = AudioStream(
+            service.worker, parsed.request, settings.http_stream_chunk_bytes, service.release
+        )
+        started = time.perf_counter()
+        try:
+            first = await _first_piece(stream, request, service.metrics)
+        except (HiggsRunpodError, ClientGone):
+            raise
+        except Exception as error:  # ours: log it whole, tell the caller little
+            log.exception("speech request failed with an internal error")
+            raise ApiError(500, _INTERNAL, type="server_error") from error
+        service.metrics.generation_seconds.observe(time.perf_counter() - started)
+        assert stream.speech is not None
+        service.metrics.audio_seconds.inc(stream.speech.duration_s)
+        headers = {"X-Seed": str(stream.speech.synthesis.seed)}
+        if parsed.stream_format == "sse":
+            events = _sse_events(first, stream)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        media_type = audio.CONTENT_TYPES[parsed.request.format]
+        return StreamingResponse(_chained(first, stream), media_type=media_type, headers=headers)
+
+    app.include_router(api)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's code for the log
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, error: RequestError) -> JSONResponse:
+        return ApiError(400, str(error), param=error.field or None).response()
+
+    @app.exception_handler(HiggsRunpodError)
+    async def worker_error(request: Request, error: HiggsRunpodError) -> JSONResponse:
+        log.error("speech request failed: %s", error)
+        return ApiError(500, str(error), type="server_error").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return ApiError(error.status_code, str(error.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return ApiError(500, _INTERNAL, type="server_error").response()
+
+    return CountRequests(app, service.metrics, ROUTES)
+
+
+async def _authorize(request: Request) -> None:
+    key = request.app.state.service.settings.higgs_api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    expected = key.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        raise ApiError(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <HIGGS_API_KEY>'",
+            code="invalid_api_key",
+        )
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, refusing more than `limit` bytes before reading them all."""
+    too_large = ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "request body must be a JSON object") from None
+
+
+async def _first_piece(stream: AudioStream, request: Request, metrics: Metrics) -> bytes:
+    """Wait for the first audio piece, stopping generation if the client leaves meanwhile.
+
+    Errors before the first piece (bad voice, engine failure) still become proper error
+    responses, because nothing has been sent yet.
+    """
+    first = asyncio.ensure_future(stream.first())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            stream.cancel.set()
+            metrics.cancelled.inc()
+            log.info("client disconnected; generation stopped")
+            with suppress(HiggsRunpodError):  # GenerationCancelled, or whatever came first
+                await first
+            raise ClientGone
+        return first.result()
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _chained(first: bytes, stream: AudioStream) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for piece in stream.rest():
+        yield piece
+
+
+async def _sse_events(first: bytes, stream: AudioStream) -> AsyncIterator[bytes]:
+    """OpenAI's speech SSE: `speech.audio.delta` events (base64 audio), then `done`."""
+    async for piece in _chained(first, stream):
+        yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()})
+    assert stream.speech is not None
+    synthesis = stream.speech.synthesis
+    usage = {
+        "input_tokens": synthesis.prompt_tokens,
+        "output_tokens": synthesis.generated_tokens,
+        "total_tokens": synthesis.prompt_tokens + synthesis.generated_tokens,
+    }
+    yield _event({"type": "speech.audio.done", "usage": usage})
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()

@@ -1,0 +1,103 @@
+"""The playground page in Debian's headless Chromium (driven by Playwright; no browser
+download): type, generate, and the audio element gets a playable source.
+
+The server is the real app under uvicorn on a loopback port, in a thread of the test
+process, so it shares the session's loaded tiny model. .ci/run installs
+chromium-headless-shell with apt when neither Chromium binary is on PATH.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from conftest import free_port, make_wav
+from higgs_runpod.handler import Worker
+from higgs_runpod.http_api import create_app
+from higgs_runpod.settings import Settings
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def page_url(settings: Settings, worker: Worker) -> Iterator[str]:
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings, worker), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (.ci/run)")
+def test_type_generate_and_play(
+    page_url: str, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(page_url)
+            expect(page.locator("#voice option[value=alice]")).to_have_count(1)
+            page.get_by_label("Text").fill("Hello from the browser test.")
+            page.locator("#voice").select_option("alice")
+            page.locator("#format").select_option("wav")
+            page.get_by_label("Seed").fill("3")
+            page.get_by_role("button", name="Generate").click()
+            expect(page.get_by_role("status")).to_contain_text("Done", timeout=60_000)
+            player = page.locator("#player")
+            assert player.get_attribute("src").startswith("blob:")
+            duration = player.evaluate(
+                """audio => audio.readyState >= 1 ? audio.duration : new Promise(resolve =>
+                    audio.addEventListener("loadedmetadata", () => resolve(audio.duration)))"""
+            )
+            assert duration > 0.5
+            assert page.locator("#download").get_attribute("download") == "speech.wav"
+            screenshot = tmp_path / "playground.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            record_property("screenshot", str(screenshot))
+            assert screenshot.stat().st_size > 1000
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (.ci/run)")
+def test_uploaded_clip_and_errors(page_url: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    clip = tmp_path / "me.wav"
+    clip.write_bytes(make_wav(seconds=1.0))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(page_url)
+            page.get_by_label("Text").fill("Say it in my voice.")
+            page.set_input_files("#clip", str(clip))
+            page.get_by_role("button", name="Generate").click()  # no transcript yet
+            status = page.get_by_role("status")
+            expect(status).to_contain_text("voice.transcript: must not be empty", timeout=30_000)
+            assert page.locator("#player").is_hidden()
+            page.get_by_label("What the clip says").fill("This is me talking.")
+            page.get_by_role("button", name="Generate").click()
+            expect(status).to_contain_text("Done", timeout=60_000)
+            assert page.locator("#player").get_attribute("src").startswith("blob:")
+        finally:
+            browser.close()
