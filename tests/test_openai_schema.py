@@ -106,7 +106,8 @@ def test_bad_voice_map_setting_is_refused(base_env: dict[str, str]) -> None:
     ("raw", "field", "words"),
     [
         (body(input=""), "input", "must not be empty"),
-        (body(input="x" * 2001), "input", "the limit is 2000"),
+        (body(input="x" * 100_001), "input", "the limit with chunking is 100000"),
+        (body(input="x" * 2001, chunking={"method": "none"}), "input", "the limit is 2000"),
         (body(response_format="ogg"), "response_format", "'mp3'"),
         (body(speed=5), "speed", "less than or equal to 4"),
         (body(speed=0.1), "speed", "greater than or equal to 0.25"),

@@ -163,7 +163,7 @@ class AudioStream:
 
     async def _generate(self) -> AsyncIterator[bytes]:
         try:
-            self.speech = await self.worker.speak(self.request, self.cancel)
+            self.speech = await self.worker.speak(self.request, cancel=self.cancel)
             data = self.speech.audio
             for start in range(0, len(data), self.chunk_bytes):
                 yield data[start : start + self.chunk_bytes]

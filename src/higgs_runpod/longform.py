@@ -84,7 +84,10 @@ def synthesize_chunks(
             decode=False,
         )
         if cancel is not None and cancel.is_set():
-            raise GenerationCancelled(f"cancelled during chunk {index + 1} of {len(chunks)}")
+            raise GenerationCancelled(
+                f"cancelled after {result.generated_tokens} decode steps "
+                f"of chunk {index + 1} of {len(chunks)}"
+            )
         history.append((chunk.text, result.codes))
         codes.append(result.codes)
         reports.append(
