@@ -168,6 +168,23 @@ def test_streaming_sends_several_chunks(server: HttpServer) -> None:
     assert sum(map(len, chunks)) > CHUNK_BYTES
 
 
+def test_pcm_streams_from_the_engine_as_frames_complete(server: HttpServer) -> None:
+    """Each SSE event is one piece: the first is the engine's first streamed piece (5
+    frames of 40 ms at 24 kHz, 16-bit), then 25-frame pieces, not slices of a finished file."""
+    body = {"model": "tts-1", "input": "Streaming from the engine.", "voice": "nova",
+            "response_format": "pcm", "stream_format": "sse", "seed": 6,
+            "max_new_tokens": 120}  # fmt: skip
+    with httpx.stream(
+        "POST", f"{server.url}/v1/audio/speech", json=body, headers=AUTH, timeout=60
+    ) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line]
+    deltas = [base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta"]
+    frame = 960 * 2
+    assert len(deltas[0]) == 5 * frame
+    assert all(len(delta) == 25 * frame for delta in deltas[1:-1])
+    assert events[-1]["type"] == "speech.audio.done"
+
+
 def test_sse_events_carry_the_audio(client: openai.OpenAI, reference_pcm: bytes) -> None:
     plain = reference_pcm
     raw = speak(client, response_format="pcm", stream_format="sse")

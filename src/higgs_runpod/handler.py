@@ -155,7 +155,10 @@ class Worker:
         )
 
     async def stream(
-        self, request: SpeechRequest, progress: Progress | None = None
+        self,
+        request: SpeechRequest,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Audio pieces as frames complete, then a summary with usage and timings."""
         started = time.perf_counter()
@@ -170,7 +173,7 @@ class Worker:
             counter.frames(frames)
             loop.call_soon_threadsafe(arrived.put_nowait, frames)
 
-        generation = asyncio.ensure_future(self._generate(plan, on_frames, counter.chunk))
+        generation = asyncio.ensure_future(self._generate(plan, on_frames, counter.chunk, cancel))
         generation.add_done_callback(lambda _: arrived.put_nowait(None))
         hop = int(self.engine.sample_rate / self.engine.frame_rate)
         decoder = PieceDecoder(self.engine.decode_codes, self.engine.decoder_context_frames, hop)

@@ -16,6 +16,7 @@ import base64
 import hmac
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,10 +30,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import audio
 from .errors import HiggsRunpodError, RequestError
-from .handler import Speech, Worker
+from .handler import Worker
 from .http_metrics import CONTENT_TYPE, CountRequests, Metrics
 from .openai_schema import MODEL_ALIASES, MODEL_ID, OPENAI_VOICES, map_voice, parse_openai_speech
-from .schema import SpeechRequest
+from .schema import STREAM_FORMATS, SpeechRequest
 from .settings import Settings
 from .voices import list_library
 
@@ -126,11 +127,12 @@ class Service:
 class AudioStream:
     """One request's encoded audio, handed out in pieces as the engine delivers it.
 
-    The engine generates a whole clip before it returns (streaming from the engine is
-    issue 6), so today the pieces are the finished file cut into HTTP_STREAM_CHUNK_BYTES
-    slices: chunked transfer and SSE work, but the first byte comes when generation ends.
-    Only `_generate` needs to change once the engine yields audio as it goes.
+    `wav` and `pcm` at speed 1.0 stream from the engine (`Worker.stream`): pieces leave
+    as frames complete, so the first byte comes after a few frames. Other formats (and
+    time-stretched audio) need the whole clip, so the finished file is cut into
+    HTTP_STREAM_CHUNK_BYTES slices.
 
+    The seed is fixed up front so that it can go out in a header before any audio.
     `on_close` runs once the stream ends, fails or is dropped (a started async generator
     is closed when it is garbage collected), so an admission is always given back.
     """
@@ -143,11 +145,13 @@ class AudioStream:
         on_close: Callable[[], None],
     ) -> None:
         self.worker = worker
-        self.request = request
+        self.seed = request.seed if request.seed is not None else random.randrange(2**32)
+        self.request = request.model_copy(update={"seed": self.seed})
         self.chunk_bytes = chunk_bytes
         self.on_close = on_close
         self.cancel = threading.Event()
-        self.speech: Speech | None = None
+        self.usage: dict[str, int] | None = None  # known once the audio is complete
+        self.duration_s = 0.0
         self._pieces = self._generate()
 
     async def first(self) -> bytes:
@@ -160,13 +164,27 @@ class AudioStream:
                 yield piece
         finally:
             self.cancel.set()  # a client that leaves mid-stream stops the engine too
+            await self._pieces.aclose()
 
     async def _generate(self) -> AsyncIterator[bytes]:
         try:
-            self.speech = await self.worker.speak(self.request, cancel=self.cancel)
-            data = self.speech.audio
-            for start in range(0, len(data), self.chunk_bytes):
-                yield data[start : start + self.chunk_bytes]
+            if self.request.format in STREAM_FORMATS and self.request.speed == 1.0:
+                streamed = self.request.model_copy(update={"stream": True})
+                async for item in self.worker.stream(streamed, cancel=self.cancel):
+                    if "audio_base64" in item:
+                        yield base64.b64decode(item["audio_base64"])
+                    else:
+                        self.usage, self.duration_s = item["usage"], item["duration_s"]
+                return
+            speech = await self.worker.speak(self.request, cancel=self.cancel)
+            synthesis = speech.synthesis
+            self.usage = {
+                "prompt_tokens": synthesis.prompt_tokens,
+                "generated_tokens": synthesis.generated_tokens,
+            }
+            self.duration_s = speech.duration_s
+            for start in range(0, len(speech.audio), self.chunk_bytes):
+                yield speech.audio[start : start + self.chunk_bytes]
         finally:
             self.on_close()
 
@@ -243,15 +261,13 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         except Exception as error:  # ours: log it whole, tell the caller little
             log.exception("speech request failed with an internal error")
             raise ApiError(500, _INTERNAL, type="server_error") from error
-        service.metrics.generation_seconds.observe(time.perf_counter() - started)
-        assert stream.speech is not None
-        service.metrics.audio_seconds.inc(stream.speech.duration_s)
-        headers = {"X-Seed": str(stream.speech.synthesis.seed)}
+        headers = {"X-Seed": str(stream.seed)}
+        pieces = _chained(first, stream, service.metrics, started)
         if parsed.stream_format == "sse":
-            events = _sse_events(first, stream)
+            events = _sse_events(pieces, stream)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         media_type = audio.CONTENT_TYPES[parsed.request.format]
-        return StreamingResponse(_chained(first, stream), media_type=media_type, headers=headers)
+        return StreamingResponse(pieces, media_type=media_type, headers=headers)
 
     app.include_router(api)
 
@@ -342,24 +358,25 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _chained(first: bytes, stream: AudioStream) -> AsyncIterator[bytes]:
+async def _chained(
+    first: bytes, stream: AudioStream, metrics: Metrics, started: float
+) -> AsyncIterator[bytes]:
+    """All the audio; the metrics count it once the last piece has gone."""
     if first:
         yield first
     async for piece in stream.rest():
         yield piece
+    metrics.generation_seconds.observe(time.perf_counter() - started)
+    metrics.audio_seconds.inc(stream.duration_s)
 
 
-async def _sse_events(first: bytes, stream: AudioStream) -> AsyncIterator[bytes]:
+async def _sse_events(pieces: AsyncIterator[bytes], stream: AudioStream) -> AsyncIterator[bytes]:
     """OpenAI's speech SSE: `speech.audio.delta` events (base64 audio), then `done`."""
-    async for piece in _chained(first, stream):
+    async for piece in pieces:
         yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()})
-    assert stream.speech is not None
-    synthesis = stream.speech.synthesis
-    usage = {
-        "input_tokens": synthesis.prompt_tokens,
-        "output_tokens": synthesis.generated_tokens,
-        "total_tokens": synthesis.prompt_tokens + synthesis.generated_tokens,
-    }
+    assert stream.usage is not None
+    prompt, generated = stream.usage["prompt_tokens"], stream.usage["generated_tokens"]
+    usage = {"input_tokens": prompt, "output_tokens": generated, "total_tokens": prompt + generated}
     yield _event({"type": "speech.audio.done", "usage": usage})
 
 
