@@ -44,7 +44,7 @@ from pathlib import Path
 from .volume_lock import VolumeLock, publish_directory, remove_tree
 
 MARKER = ".higgs-runtime-complete.json"
-WORKER_COMMAND = ("-m", "higgs_runpod.cli", "worker")
+WORKER_COMMAND = ("-m", "higgs_runpod.cli", "start")  # queue or HTTP, by WORKER_MODE
 MODES = ("volume", "image")
 LOW_SPACE_BYTES = 10 * 1024**3  # the CUDA runtime alone takes about 5 GB
 

@@ -90,9 +90,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     """The image's command: WORKER_MODE=queue (RunPod's job queue) or http (load balancing)."""
     if load_settings().worker_mode == "http":
         _serve_http(None, None)
-    else:
-        _start_runpod([])
-    return 0
+        return 0
+    return _start_runpod([])
 
 
 def _format_for(path: Path, requested: str | None) -> str:

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import audio
 from .errors import HiggsRunpodError, RequestError
 from .handler import Worker
+from .health import mark_ready
 from .http_metrics import CONTENT_TYPE, CountRequests, Metrics
 from .openai_schema import MODEL_ALIASES, MODEL_ID, OPENAI_VOICES, map_voice, parse_openai_speech
 from .schema import STREAM_FORMATS, SpeechRequest
@@ -93,6 +94,7 @@ class Service:
         def load() -> None:
             try:
                 log.info("model loaded in %.1f s", self.worker.engine.load())
+                mark_ready(self.settings.ready_file)  # the image's health check reads it
             except Exception:
                 self.load_failed = True
                 log.exception("loading the model failed")
