@@ -336,3 +336,25 @@ def test_bad_config_is_refused_before_any_request(
     done = deploy(url, write_config(tmp_path, **deepcopy(changes)))
     assert done.returncode == 1 and message in done.stderr
     assert fake.requests == []
+
+
+def test_load_balancing_config_sends_valid_requests(runpod, tmp_path: Path) -> None:
+    """deploy/endpoint-http.json: the same image as an HTTP (load-balancing) endpoint."""
+    fake, url = runpod
+    config = json.loads((ROOT / "deploy/endpoint-http.json").read_text())
+    config["template"]["image"] = IMAGE
+    path = tmp_path / "endpoint-http.json"
+    path.write_text(json.dumps(config))
+    done = deploy(url, path, "--dry-run", key=None)
+    assert done.returncode == 0, done.stderr
+    assert fake.requests == []
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    endpoint = next(
+        x["body"] for x in lines if x["method"] == "POST" and x["url"].endswith("/serverless")
+    )
+    assert (endpoint["type"], endpoint["scaling"]["type"]) == ("LOAD_BALANCER", "REQUEST_COUNT")
+    for line in lines:
+        _route, op = operation(line["method"].lower(), line["url"].removeprefix(url))
+        if "requestBody" in op:
+            ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            assert validate(ref, line["body"]) == [], line
