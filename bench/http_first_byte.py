@@ -3,9 +3,8 @@
 Both servers run on loopback with the same checkpoint and get the same request (same
 seed, same number of decode steps, WAV). For HTTP the clock stops at the first body byte
 of the streamed response; /runsync returns one JSON object, so its first audio byte comes
-with the whole response. Until the engine streams audio into the HTTP layer, the HTTP API
-sends its first piece once the whole clip is encoded, so the two differ by the servers'
-own overhead, not by streaming.
+with the whole response. WAV and PCM stream from the engine as frames complete, so the
+HTTP API's first byte comes after the first few frames.
 
     .venv/bin/python bench/http_first_byte.py [--model tiny|cpu] [--requests 10] [--steps 100]
 
