@@ -23,8 +23,10 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +45,7 @@ from .voices import VoiceResolver
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,16 @@ class Worker:
         self.engine = engine or Engine(settings)
         self.voices = VoiceResolver(settings)
         self.storage = Storage(settings)
+        # Model work (load, generate, one-shot decode) runs on one thread of its own: torch
+        # keeps an OpenMP pool per calling thread, and hopping between pool threads left
+        # idle pools spinning against the busy one (CPU generation up to several times
+        # slower). Streamed pieces decode on other threads, beside the generation.
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def on_engine_thread(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run model work on the worker's engine thread, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._engine_thread, partial(function, *args, **kwargs))
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job to a single response; never raises (RunPod would send a traceback)."""
@@ -127,11 +140,11 @@ class Worker:
         started = time.perf_counter()
         plan = await asyncio.to_thread(self._plan, request)
         resolve_ms = _ms_since(started)
-        load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
+        load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
         counter = _FrameCounter(progress, len(plan.chunks))
         synthesis = await self._generate(plan, counter.frames, counter.chunk, cancel)
         decode_start = time.perf_counter()
-        samples = await asyncio.to_thread(self.engine.decode_codes, synthesis.codes)
+        samples = await self.on_engine_thread(self.engine.decode_codes, synthesis.codes)
         decode_ms = _ms_since(decode_start)
         encode_start = time.perf_counter()
         encoded, duration_s = await asyncio.to_thread(
@@ -164,7 +177,7 @@ class Worker:
         started = time.perf_counter()
         plan = await asyncio.to_thread(self._plan, request)
         resolve_ms = _ms_since(started)
-        load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
+        load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue[torch.Tensor | None] = asyncio.Queue()
         counter = _FrameCounter(progress, len(plan.chunks))
@@ -228,7 +241,7 @@ class Worker:
         """
         cancel = cancel or threading.Event()
         try:
-            return await asyncio.to_thread(
+            return await self.on_engine_thread(
                 synthesize_chunks, self.engine, plan.chunks, plan.make_conversation, plan.params,
                 plan.context_chunks, cancel=cancel, on_frames=on_frames, on_chunk=on_chunk,
             )  # fmt: skip

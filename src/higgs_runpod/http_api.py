@@ -84,9 +84,7 @@ class Service:
     def start_loading(self) -> asyncio.Future[None] | None:
         """Load the model in the background so /ping can answer 204 meanwhile.
 
-        It loads on the event loop's default executor, the threads `Worker.speak` runs the
-        model on: loading on a thread of its own left a second OpenMP pool behind that
-        made CPU generation several times slower (measured with bench/http_first_byte.py).
+        It loads on the worker's engine thread, where generation runs too (see Worker).
         """
         if self.settings.lazy_load or self.worker.engine.is_loaded:
             return None
@@ -99,7 +97,7 @@ class Service:
                 self.load_failed = True
                 log.exception("loading the model failed")
 
-        return asyncio.get_running_loop().run_in_executor(None, load)
+        return asyncio.ensure_future(self.worker.on_engine_thread(load))
 
     @property
     def ready(self) -> bool:
