@@ -43,6 +43,7 @@ def _start_runpod(rp_args: list[str]) -> int:
     if not worker.settings.lazy_load:
         try:
             log.info("loaded in %.1f s", worker.engine.load())
+            log.info("library voices encoded: %d", worker.warm_voices())
         except ModelNotFoundError as error:
             log.error("cannot start: %s", error)
             return 1

@@ -40,6 +40,7 @@ from .errors import ModelNotFoundError, OutOfMemoryError
 from .model_store import ensure_checkpoints
 from .settings import Settings
 from .streaming import DelayAligner, receptive_field_frames
+from .voice_cache import VoiceCache, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Engine:
         self.model: HiggsAudioV2ForConditionalGeneration | None = None
         self.processor: HiggsAudioV2Processor | None = None
         self.decoder_context_frames = 0  # frames each side that one frame's audio depends on
+        self.voice_cache: VoiceCache | None = None
 
     @property
     def is_loaded(self) -> bool:
@@ -155,6 +157,11 @@ class Engine:
             chat_template=chat_template,
             audio_stream_bos_id=model.config.audio_stream_bos_id,
             audio_stream_eos_id=model.config.audio_stream_eos_id,
+        )
+        self.voice_cache = VoiceCache(
+            tokenizer_identity(paths.tokenizer_path, readies[1].commit),
+            self.settings.voice_cache_items,
+            self.settings.voice_cache_path,
         )
         self.model = model
         self.decoder_context_frames = receptive_field_frames(
@@ -235,8 +242,14 @@ class Engine:
             inputs["audio_input_ids_mask"] = torch.ones(audio_input_ids.shape[:2], dtype=torch.bool)
         return inputs.to(self.device)
 
+    def clip_codes(self, samples: np.ndarray) -> torch.Tensor:
+        """A clip's codes through the voice cache: encoded at most once per tokenizer."""
+        self.load()
+        assert self.voice_cache is not None
+        return self.voice_cache.codes(samples, self.encode_clip)
+
     def _clip_codes(self, clip: dict[str, Any]) -> torch.Tensor:
-        return clip["codes"] if "codes" in clip else self.encode_clip(clip["audio"])
+        return clip["codes"] if "codes" in clip else self.clip_codes(clip["audio"])
 
     def _delayed(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (frames x codebooks) -> stream BOS + codes + EOS in the delay pattern."""

@@ -38,7 +38,7 @@ from .schema import SpeechRequest, parse_request
 from .settings import Settings, load_settings
 from .storage import Storage
 from .streaming import PieceDecoder, PieceEncoder
-from .voices import VoiceResolver
+from .voices import ReferenceClip, VoiceResolver, list_library
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,21 @@ class Worker:
         self.engine = engine or Engine(settings)
         self.voices = VoiceResolver(settings)
         self.storage = Storage(settings)
+
+    def warm_voices(self) -> int:
+        """Encode every library voice into the voice cache now, so no request pays for it;
+        returns how many were encoded. A voice that cannot be read is logged and skipped."""
+        warmed = 0
+        for entry in list_library(self.settings.voices_path):
+            try:
+                clip = self.voices.resolve(entry.name, "voice")
+            except RequestError as error:
+                log.warning("library voice %s skipped: %s", entry.name, error.message)
+                continue
+            if isinstance(clip, ReferenceClip):
+                self.engine.clip_codes(clip.samples)
+                warmed += 1
+        return warmed
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job to a single response; never raises (RunPod would send a traceback)."""
