@@ -170,6 +170,19 @@ class Settings(BaseSettings):
         "workers; default /runpod-volume/voice-cache when the volume is mounted, else unset "
         "(memory only).",
     )
+    max_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Most jobs the worker takes at once and generates in one batch; 1 runs "
+        "jobs one at a time.",
+    )
+    batch_window_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description="How long the first waiting job waits for others to join its batch.",
+    )
 
     @model_validator(mode="after")
     def _default_checkpoint_paths(self) -> Settings:
