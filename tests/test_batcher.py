@@ -11,6 +11,7 @@ import io
 import threading
 
 import numpy as np
+import pytest
 import soundfile
 import torch
 
@@ -19,6 +20,7 @@ from higgs_runpod.batcher import Batcher, batch_key
 from higgs_runpod.engine import Engine, Job, SamplingParams, Synthesis
 from higgs_runpod.handler import Worker
 from higgs_runpod.prompts import build_conversation
+from higgs_runpod.settings import load_settings
 from higgs_runpod.voices import ReferenceClip
 
 GREEDY = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=24)
@@ -171,7 +173,20 @@ def test_grouping_rules() -> None:
     assert batch_key(Job(plain, seeded)) != batch_key(Job(plain, seeded))  # seeded: alone
 
 
-def test_concurrent_handler_jobs_get_their_own_audio(worker: Worker) -> None:
+def test_concurrent_handler_jobs_share_a_batch_and_get_their_own_audio(
+    base_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unseeded jobs through Worker.handle at once: one batch, each job its own audio."""
+    worker = Worker(load_settings({**base_env, "BATCH_WINDOW_MS": "1000", "MAX_BATCH_SIZE": "3"}))
+    worker.engine.load()
+    sizes: list[int] = []
+    real = worker.engine.synthesize_batch
+
+    def spy(jobs: list[Job]) -> list:
+        sizes.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(worker.engine, "synthesize_batch", spy)
     inputs = [{"text": t, "temperature": 0, "ras_win_len": 0, "max_new_tokens": 24} for t in TEXTS]
 
     async def together() -> list[dict]:
@@ -179,6 +194,7 @@ def test_concurrent_handler_jobs_get_their_own_audio(worker: Worker) -> None:
         return await asyncio.gather(*jobs)
 
     outputs = asyncio.run(together())
+    assert sizes == [3]
     for job_input, output in zip(inputs, outputs, strict=True):
         alone = asyncio.run(worker.handle({"id": "solo", "input": job_input}))
         assert output["audio_base64"] == alone["audio_base64"]

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +83,11 @@ class Worker:
         self.engine = engine or Engine(settings)
         self.voices = VoiceResolver(settings)
         self.storage = Storage(settings)
+        # One thread per job that may be generating at once: each blocks in the batcher while
+        # its rows are generated (asyncio's default pool has only cores + 4 threads).
+        self._generation_threads = ThreadPoolExecutor(
+            max_workers=settings.max_batch_size, thread_name_prefix="job"
+        )
 
     def warm_voices(self) -> int:
         """Encode every library voice into the voice cache now, so no request pays for it;
@@ -226,9 +233,12 @@ class Worker:
         """Generate off the event loop; a cancelled job stops generation within a step."""
         cancel = threading.Event()
         try:
-            return await asyncio.to_thread(
-                synthesize_chunks, self.engine, plan.chunks, plan.make_conversation, plan.params,
-                plan.context_chunks, cancel=cancel, on_frames=on_frames, on_chunk=on_chunk,
+            return await asyncio.get_running_loop().run_in_executor(
+                self._generation_threads, functools.partial(
+                    synthesize_chunks, self.engine, plan.chunks, plan.make_conversation,
+                    plan.params, plan.context_chunks, cancel=cancel, on_frames=on_frames,
+                    on_chunk=on_chunk,
+                ),
             )  # fmt: skip
         except asyncio.CancelledError:
             cancel.set()

@@ -1,6 +1,8 @@
 """Generating a text chunk by chunk, each chunk hearing the ones before it.
 
-Every chunk is generated with the same seed and the same voice; the prompt of chunk k
+Every chunk is generated with the same voice, and with the request's seed when it has one
+(an unseeded request leaves its chunks unseeded, so that they can share a batch with other
+jobs; it reports the first chunk's seed). The prompt of chunk k
 also holds the text and the audio codes of the `context_chunks` chunks before it (the
 codes themselves: nothing is decoded and encoded again), so the voice and the pace carry
 on. The chunks' codes are joined and decoded in one pass, so the joins have no clicks.
@@ -8,11 +10,10 @@ on. The chunks' codes are joined and decoded in one pass, so the joins have no c
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,9 +65,8 @@ def synthesize_chunks(
     on_chunk: Callable[[int], None] | None = None,
 ) -> LongSynthesis:
     """Generate `chunks` in order; raises `Cancelled` if `cancel` is set meanwhile."""
-    seed = params.seed if params.seed is not None else random.randrange(2**32)
-    params = replace(params, seed=seed)
     history: list[tuple[str, torch.Tensor]] = []
+    first_seed = 0
     reports: list[ChunkReport] = []
     codes: list[torch.Tensor] = []
     totals = {"prompt": 0, "generated": 0, "prepare": 0.0, "generate": 0.0}
@@ -84,6 +84,8 @@ def synthesize_chunks(
         )
         if cancel is not None and cancel.is_set():
             raise Cancelled
+        if index == 0:
+            first_seed = result.seed
         history.append((chunk.text, result.codes))
         codes.append(result.codes)
         reports.append(
@@ -102,7 +104,7 @@ def synthesize_chunks(
     return LongSynthesis(
         codes=torch.cat(codes),
         chunks=reports,
-        seed=seed,
+        seed=params.seed if params.seed is not None else first_seed,
         prompt_tokens=int(totals["prompt"]),
         generated_tokens=int(totals["generated"]),
         prepare_ms=totals["prepare"],
