@@ -205,3 +205,16 @@ def test_synthesize_goes_through_the_batcher(engine: Engine) -> None:
     job = Job(build_conversation(TEXTS[0]), GREEDY, decode=False)
     through = engine.synthesize(job.conversation, GREEDY, decode=False)
     assert torch.equal(through.codes, _alone(engine, job).codes)
+
+
+def test_a_streaming_job_in_a_failed_batch_is_not_run_twice(engine: Engine) -> None:
+    """Frames already streamed cannot be taken back, so it fails with the batch's error."""
+    codebooks = engine.model.config.num_codebooks
+    broken = torch.full((5, codebooks), 10_000, dtype=torch.long)
+    received: list[torch.Tensor] = []
+    streaming = Job(build_conversation(TEXTS[0], voice=_clip(1.0, 220.0)), GREEDY, None, received.append)  # fmt: skip
+    bad = Job(build_conversation(TEXTS[2], history=[("Before.", broken)]), GREEDY)
+    other = Job(build_conversation(TEXTS[1], voice=_clip(1.0, 330.0)), GREEDY)
+    streamed, failed, rerun = engine.synthesize_batch([streaming, bad, other])
+    assert isinstance(streamed, Exception) and isinstance(failed, Exception)
+    assert isinstance(rerun, Synthesis)

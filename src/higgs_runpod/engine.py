@@ -293,7 +293,8 @@ class Engine:
         """Jobs with the same sampling settings in one `generate`; a result or error per job.
 
         A job whose prompt cannot be built fails alone; if the batched `generate` itself
-        fails, each job is run alone so that only the one at fault fails.
+        fails, each job is run alone so that only the one at fault fails (a streaming job,
+        which may have sent frames already, fails with the batch's error instead).
         """
         results: list[Synthesis | Exception] = [RuntimeError("not run")] * len(jobs)
         prepared: list[tuple[int, BatchFeature, float]] = []
@@ -302,7 +303,7 @@ class Engine:
             try:
                 prepared.append((index, self._prepare(job.conversation), _ms_since(start)))
             except Exception as error:
-                results[index] = error
+                results[index] = _as_engine_error(error)
         if not prepared:
             return results
         try:
@@ -310,14 +311,15 @@ class Engine:
             for (index, _, _), result in zip(prepared, self._generate(batch), strict=True):
                 results[index] = result
         except Exception as error:
-            if len(prepared) == 1:
-                results[prepared[0][0]] = _as_engine_error(error)
-            else:
-                for index, inputs, ms in prepared:
-                    try:
-                        results[index] = self._generate([(jobs[index], inputs, ms)])[0]
-                    except Exception as single:
-                        results[index] = _as_engine_error(single)
+            for index, inputs, ms in prepared:
+                # Alone, unless it was alone already or has streamed frames it cannot take back.
+                if len(prepared) == 1 or jobs[index].on_frames is not None:
+                    results[index] = _as_engine_error(error)
+                    continue
+                try:
+                    results[index] = self._generate([(jobs[index], inputs, ms)])[0]
+                except Exception as single:
+                    results[index] = _as_engine_error(single)
         return results
 
     def _generate(self, batch: list[tuple[Job, BatchFeature, float]]) -> list[Synthesis]:
