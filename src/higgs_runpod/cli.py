@@ -43,15 +43,21 @@ def _start_runpod(rp_args: list[str]) -> int:
     if not worker.settings.lazy_load:
         try:
             log.info("loaded in %.1f s", worker.engine.load())
+            log.info("library voices encoded: %d", worker.warm_voices())
         except ModelNotFoundError as error:
             log.error("cannot start: %s", error)
             return 1
     mark_ready(worker.settings.ready_file)
     sys.argv = [sys.argv[0], *rp_args]  # runpod reads its own flags from argv
+    # Up to MAX_BATCH_SIZE jobs at once: those arriving together are generated in one batch.
+    jobs_at_once = worker.settings.max_batch_size
+    config: dict = {"concurrency_modifier": lambda current: jobs_at_once}
     if worker.settings.enable_streaming:
-        runpod.serverless.start({"handler": stream_handler, "return_aggregate_stream": True})
+        runpod.serverless.start(
+            {**config, "handler": stream_handler, "return_aggregate_stream": True}
+        )
     else:
-        runpod.serverless.start({"handler": handler})
+        runpod.serverless.start({**config, "handler": handler})
     return 0
 
 

@@ -19,8 +19,8 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ from .errors import ModelNotFoundError, OutOfMemoryError
 from .model_store import ensure_checkpoints
 from .settings import Settings
 from .streaming import DelayAligner, receptive_field_frames
+from .voice_cache import VoiceCache, tokenizer_identity
+
+if TYPE_CHECKING:
+    from .batcher import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,8 @@ class Engine:
         self.model: HiggsAudioV2ForConditionalGeneration | None = None
         self.processor: HiggsAudioV2Processor | None = None
         self.decoder_context_frames = 0  # frames each side that one frame's audio depends on
+        self.voice_cache: VoiceCache | None = None
+        self._batcher: Batcher | None = None
 
     @property
     def is_loaded(self) -> bool:
@@ -156,7 +162,18 @@ class Engine:
             audio_stream_bos_id=model.config.audio_stream_bos_id,
             audio_stream_eos_id=model.config.audio_stream_eos_id,
         )
+        self.voice_cache = VoiceCache(
+            tokenizer_identity(paths.tokenizer_path, readies[1].commit),
+            self.settings.voice_cache_items,
+            self.settings.voice_cache_path,
+        )
         self.model = model
+        if self.settings.max_batch_size > 1:
+            from .batcher import Batcher
+
+            self._batcher = Batcher(
+                self._run_batch, self.settings.batch_window_ms, self.settings.max_batch_size
+            )
         self.decoder_context_frames = receptive_field_frames(
             self.decode_codes, model.config.num_codebooks
         )
@@ -178,14 +195,11 @@ class Engine:
         generation after the current step.
         """
         self.load()
+        if self._batcher is not None:
+            return self._batcher.submit(Job(conversation, params, cancel, on_frames, decode))
         with self._generate_lock:
             try:
                 return self._synthesize(conversation, params, cancel, on_frames, decode)
-            except torch.cuda.OutOfMemoryError:
-                raise OutOfMemoryError(
-                    "the GPU ran out of memory for this request; try a shorter text, a shorter "
-                    "reference clip or a smaller max_new_tokens"
-                ) from None
             finally:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -235,8 +249,14 @@ class Engine:
             inputs["audio_input_ids_mask"] = torch.ones(audio_input_ids.shape[:2], dtype=torch.bool)
         return inputs.to(self.device)
 
+    def clip_codes(self, samples: np.ndarray) -> torch.Tensor:
+        """A clip's codes through the voice cache: encoded at most once per tokenizer."""
+        self.load()
+        assert self.voice_cache is not None
+        return self.voice_cache.codes(samples, self.encode_clip)
+
     def _clip_codes(self, clip: dict[str, Any]) -> torch.Tensor:
-        return clip["codes"] if "codes" in clip else self.encode_clip(clip["audio"])
+        return clip["codes"] if "codes" in clip else self.clip_codes(clip["audio"])
 
     def _delayed(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (frames x codebooks) -> stream BOS + codes + EOS in the delay pattern."""
@@ -255,58 +275,132 @@ class Engine:
         on_frames: FrameCallback | None,
         decode: bool,
     ) -> Synthesis:
+        """One conversation: a batch of one, its error raised."""
+        result = self.synthesize_batch([Job(conversation, params, cancel, on_frames, decode)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _run_batch(self, jobs: list[Job]) -> list[Synthesis | Exception]:
+        try:
+            return self.synthesize_batch(jobs)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def synthesize_batch(self, jobs: list[Job]) -> list[Synthesis | Exception]:
+        """Jobs with the same sampling settings in one `generate`; a result or error per job.
+
+        A job whose prompt cannot be built fails alone; if the batched `generate` itself
+        fails, each job is run alone so that only the one at fault fails (a streaming job,
+        which may have sent frames already, fails with the batch's error instead).
+        """
+        results: list[Synthesis | Exception] = [RuntimeError("not run")] * len(jobs)
+        prepared: list[tuple[int, BatchFeature, float]] = []
+        for index, job in enumerate(jobs):
+            start = time.perf_counter()
+            try:
+                prepared.append((index, self._prepare(job.conversation), _ms_since(start)))
+            except Exception as error:
+                results[index] = _as_engine_error(error)
+        if not prepared:
+            return results
+        try:
+            batch = [(jobs[i], inputs, ms) for i, inputs, ms in prepared]
+            for (index, _, _), result in zip(prepared, self._generate(batch), strict=True):
+                results[index] = result
+        except Exception as error:
+            for index, inputs, ms in prepared:
+                # Alone, unless it was alone already or has streamed frames it cannot take back.
+                if len(prepared) == 1 or jobs[index].on_frames is not None:
+                    results[index] = _as_engine_error(error)
+                    continue
+                try:
+                    results[index] = self._generate([(jobs[index], inputs, ms)])[0]
+                except Exception as single:
+                    results[index] = _as_engine_error(single)
+        return results
+
+    def _generate(self, batch: list[tuple[Job, BatchFeature, float]]) -> list[Synthesis]:
         assert self.model is not None
         processor = self._processor
-        start = time.perf_counter()
-        inputs = self._prepare(conversation)
-        prompt_audio_len = inputs["audio_input_ids"].shape[1] if "audio_input_ids" in inputs else 0
-        prepare_ms = _ms_since(start)
-
+        params = batch[0][0].params
+        inputs = self._collate([inputs for _, inputs, _ in batch])
         seed = params.seed if params.seed is not None else random.randrange(2**32)
         torch.manual_seed(seed)
-        aligner = DelayAligner(processor.audio_stream_bos_id, processor.audio_stream_eos_id)
-        frames: list[torch.Tensor] = []
-
-        def take(step: torch.Tensor) -> None:
-            new = aligner.push(step.cpu())
-            if new.shape[0]:
-                frames.append(new)
-                if on_frames is not None:
-                    on_frames(new)
-
+        rows = [
+            _Row(job, DelayAligner(processor.audio_stream_bos_id, processor.audio_stream_eos_id))
+            for job, _, _ in batch
+        ]
         start = time.perf_counter()
-        hook = self.model.register_forward_pre_hook(_StepTap(take), with_kwargs=True)
+        hook = self.model.register_forward_pre_hook(_StepTap(rows), with_kwargs=True)
+        cancels = [job.cancel for job, _, _ in batch]
         try:
             sequences = self.model.generate(
                 **inputs,
                 generation_config=self._generation_config(params),
-                stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]) if cancel else None,
+                stopping_criteria=StoppingCriteriaList([_Cancelled(cancels)])
+                if any(cancels)
+                else None,
             )
         finally:
             hook.remove()
-        if not aligner.finished:
-            take(sequences[0, -1])  # the last step never goes through forward
+        for row, last in zip(rows, sequences[:, -1], strict=True):
+            row.take(last)  # the last step never goes through forward
         generate_ms = _ms_since(start)
 
-        start = time.perf_counter()
-        codes = (
-            torch.cat(frames)
-            if frames
-            else torch.zeros((0, self.model.config.num_codebooks), dtype=torch.long)
-        )
-        samples = self.decode_codes(codes) if decode else np.zeros(0, dtype=np.float32)
-        decode_ms = _ms_since(start)
-        return Synthesis(
-            samples=samples,
-            sample_rate=self.sample_rate,
-            codes=codes,
-            prompt_tokens=int(inputs["input_ids"].shape[1]),
-            generated_tokens=int(sequences.shape[1] - prompt_audio_len),
-            seed=seed,
-            prepare_ms=prepare_ms,
-            generate_ms=generate_ms,
-            decode_ms=decode_ms,
-        )
+        results = []
+        for row, (job, row_inputs, prepare_ms) in zip(rows, batch, strict=True):
+            start = time.perf_counter()
+            codes = (
+                torch.cat(row.frames)
+                if row.frames
+                else torch.zeros((0, self.model.config.num_codebooks), dtype=torch.long)
+            )
+            samples = self.decode_codes(codes) if job.decode else np.zeros(0, dtype=np.float32)
+            results.append(
+                Synthesis(
+                    samples=samples,
+                    sample_rate=self.sample_rate,
+                    codes=codes,
+                    prompt_tokens=int(row_inputs["input_ids"].shape[1]),
+                    generated_tokens=row.steps,
+                    seed=seed,
+                    prepare_ms=prepare_ms,
+                    generate_ms=generate_ms,
+                    decode_ms=_ms_since(start),
+                )
+            )
+        return results
+
+    def _collate(self, items: list[BatchFeature]) -> BatchFeature:
+        """Left-pad the text, right-pad the audio with the stream EOS (as the processor does)."""
+        if len(items) == 1:
+            return items[0]
+        processor = self._processor
+        pad_id = processor.tokenizer.pad_token_id
+        text_len = max(item["input_ids"].shape[1] for item in items)
+        input_ids, attention = [], []
+        for item in items:
+            pad = text_len - item["input_ids"].shape[1]
+            ids = item["input_ids"][0]
+            input_ids.append(torch.cat([ids.new_full((pad,), pad_id), ids]))
+            mask = item.get("attention_mask", torch.ones_like(item["input_ids"]))[0]
+            attention.append(torch.cat([mask.new_zeros(pad), mask]))
+        batch = {"input_ids": torch.stack(input_ids), "attention_mask": torch.stack(attention)}
+        if "audio_input_ids" in items[0]:
+            audio_len = max(item["audio_input_ids"].shape[1] for item in items)
+            audio, audio_mask = [], []
+            for item in items:
+                codes, mask = item["audio_input_ids"][0], item["audio_input_ids_mask"][0]
+                pad = audio_len - codes.shape[0]
+                eos = codes.new_full((pad, codes.shape[1]), processor.audio_stream_eos_id)
+                audio.append(torch.cat([codes, eos]))
+                audio_mask.append(torch.cat([mask, mask.new_zeros(pad)]))
+            batch["audio_input_ids"] = torch.stack(audio)
+            batch["audio_input_ids_mask"] = torch.stack(audio_mask)
+        return BatchFeature(batch).to(self.device)
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
         assert self.model is not None
@@ -325,28 +419,72 @@ class Engine:
         return config
 
 
+@dataclass
+class Job:
+    """One conversation to synthesise, with where its frames go and what cancels it."""
+
+    conversation: list[dict[str, Any]]
+    params: SamplingParams
+    cancel: threading.Event | None = None
+    on_frames: FrameCallback | None = None
+    decode: bool = True
+
+
+@dataclass
+class _Row:
+    """One job's row of a batch: its own aligner, frames and step count."""
+
+    job: Job
+    aligner: DelayAligner
+    frames: list[torch.Tensor] = field(default_factory=list)
+    steps: int = 0
+
+    def take(self, step: torch.Tensor) -> None:
+        """A generated step of this row; ignored once its audio ended or it was cancelled."""
+        if self.aligner.finished or (self.job.cancel is not None and self.job.cancel.is_set()):
+            return
+        self.steps += 1
+        new = self.aligner.push(step.cpu())
+        if new.shape[0]:
+            self.frames.append(new)
+            if self.job.on_frames is not None:
+                self.job.on_frames(new)
+
+
 class _StepTap:
     """Forward pre-hook that sees each generated step as the model reads it back.
 
-    During decoding, generate feeds the model the step it just sampled as
-    `audio_input_ids[:, -1]`; the first call is the prompt (prefill) and is skipped.
+    During decoding, generate feeds the model the steps it just sampled as
+    `audio_input_ids[:, -1]` (one row per job); the first call is the prompt (prefill).
     """
 
-    def __init__(self, take: Callable[[torch.Tensor], None]) -> None:
-        self.take = take
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
         self.calls = 0
 
     def __call__(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         self.calls += 1
         if self.calls > 1:
-            self.take(kwargs["audio_input_ids"][0, -1])
+            steps = kwargs["audio_input_ids"][:, -1].cpu()
+            for row, step in zip(self.rows, steps, strict=True):
+                row.take(step)
 
 
 class _Cancelled(StoppingCriteria):
-    """Stops generation after the current step once the event is set."""
+    """Stops each row after the current step once its event is set."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, events: list[threading.Event | None]) -> None:
+        self.events = events
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
+        flags = [event is not None and event.is_set() for event in self.events]
+        return torch.tensor(flags, device=input_ids.device)
+
+
+def _as_engine_error(error: Exception) -> Exception:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return OutOfMemoryError(
+            "the GPU ran out of memory for this request; try a shorter text, a shorter "
+            "reference clip or a smaller max_new_tokens"
+        )
+    return error

@@ -40,7 +40,7 @@ from .schema import SpeechRequest, parse_request
 from .settings import Settings, load_settings
 from .storage import Storage
 from .streaming import PieceDecoder, PieceEncoder
-from .voices import VoiceResolver
+from .voices import ReferenceClip, VoiceResolver, list_library
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,36 @@ class Worker:
         self.engine = engine or Engine(settings)
         self.voices = VoiceResolver(settings)
         self.storage = Storage(settings)
-        # Model work (load, generate, one-shot decode) runs on one thread of its own: torch
-        # keeps an OpenMP pool per calling thread, and hopping between pool threads left
-        # idle pools spinning against the busy one (CPU generation up to several times
-        # slower). Streamed pieces decode on other threads, beside the generation.
+        # One thread per job that may be generating at once: each blocks in the batcher while
+        # its rows are generated (asyncio's default pool has only cores + 4 threads).
+        self._generation_threads = ThreadPoolExecutor(
+            max_workers=settings.max_batch_size, thread_name_prefix="job"
+        )
+        # Loading and one-shot decoding run on one thread of their own (generation runs on
+        # the batcher's thread): torch keeps an OpenMP pool per calling thread, and hopping
+        # between pool threads left idle pools spinning against the busy one (CPU model
+        # work up to several times slower). Streamed pieces decode beside the generation.
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     async def on_engine_thread(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run model work on the worker's engine thread, off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._engine_thread, partial(function, *args, **kwargs))
+
+    def warm_voices(self) -> int:
+        """Encode every library voice into the voice cache now, so no request pays for it;
+        returns how many were encoded. A voice that cannot be read is logged and skipped."""
+        warmed = 0
+        for entry in list_library(self.settings.voices_path):
+            try:
+                clip = self.voices.resolve(entry.name, "voice")
+            except RequestError as error:
+                log.warning("library voice %s skipped: %s", entry.name, error.message)
+                continue
+            if isinstance(clip, ReferenceClip):
+                self.engine.clip_codes(clip.samples)
+                warmed += 1
+        return warmed
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job to a single response; never raises (RunPod would send a traceback)."""
@@ -241,9 +261,12 @@ class Worker:
         """
         cancel = cancel or threading.Event()
         try:
-            return await self.on_engine_thread(
-                synthesize_chunks, self.engine, plan.chunks, plan.make_conversation, plan.params,
-                plan.context_chunks, cancel=cancel, on_frames=on_frames, on_chunk=on_chunk,
+            return await asyncio.get_running_loop().run_in_executor(
+                self._generation_threads, partial(
+                    synthesize_chunks, self.engine, plan.chunks, plan.make_conversation,
+                    plan.params, plan.context_chunks, cancel=cancel, on_frames=on_frames,
+                    on_chunk=on_chunk,
+                ),
             )  # fmt: skip
         except asyncio.CancelledError:
             cancel.set()

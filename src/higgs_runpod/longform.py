@@ -1,6 +1,8 @@
 """Generating a text chunk by chunk, each chunk hearing the ones before it.
 
-Every chunk is generated with the same seed and the same voice; the prompt of chunk k
+Every chunk is generated with the same voice and the same seed (the request's, or one
+drawn for a long text; a single-chunk request without a seed stays unseeded so that it can
+share a batch with other jobs, and reports the seed its batch used). The prompt of chunk k
 also holds the text and the audio codes of the `context_chunks` chunks before it (the
 codes themselves: nothing is decoded and encoded again), so the voice and the pace carry
 on. The chunks' codes are joined and decoded in one pass, so the joins have no clicks.
@@ -23,10 +25,6 @@ from .errors import GenerationCancelled
 
 Conversation = list[dict[str, Any]]
 MakeConversation = Callable[[str, Sequence[tuple[str, torch.Tensor]]], Conversation]
-
-
-class Cancelled(Exception):
-    """The job was cancelled; generation stopped."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +63,10 @@ def synthesize_chunks(
     on_chunk: Callable[[int], None] | None = None,
 ) -> LongSynthesis:
     """Generate `chunks` in order; raises `GenerationCancelled` if `cancel` is set meanwhile."""
-    seed = params.seed if params.seed is not None else random.randrange(2**32)
-    params = replace(params, seed=seed)
+    if params.seed is None and len(chunks) > 1:  # one seed for every chunk of a long text
+        params = replace(params, seed=random.randrange(2**32))
     history: list[tuple[str, torch.Tensor]] = []
+    first_seed = 0
     reports: list[ChunkReport] = []
     codes: list[torch.Tensor] = []
     totals = {"prompt": 0, "generated": 0, "prepare": 0.0, "generate": 0.0}
@@ -88,6 +87,8 @@ def synthesize_chunks(
                 f"cancelled after {result.generated_tokens} decode steps "
                 f"of chunk {index + 1} of {len(chunks)}"
             )
+        if index == 0:
+            first_seed = result.seed
         history.append((chunk.text, result.codes))
         codes.append(result.codes)
         reports.append(
@@ -106,7 +107,7 @@ def synthesize_chunks(
     return LongSynthesis(
         codes=torch.cat(codes),
         chunks=reports,
-        seed=seed,
+        seed=params.seed if params.seed is not None else first_seed,
         prompt_tokens=int(totals["prompt"]),
         generated_tokens=int(totals["generated"]),
         prepare_ms=totals["prepare"],

@@ -21,6 +21,10 @@ def _default_voices_path() -> Path:
     return VOLUME / "voices" if VOLUME.is_dir() else Path("voices")
 
 
+def _default_voice_cache_path() -> Path | None:
+    return VOLUME / "voice-cache" if VOLUME.is_dir() else None
+
+
 def default_checkpoint_root() -> Path:
     """Where checkpoints go by default: the network volume when mounted, else the user's cache."""
     if VOLUME.is_dir():
@@ -153,6 +157,31 @@ class Settings(BaseSettings):
     runpod_api_url: str = Field(
         default="https://api.runpod.io",
         description="RunPod REST API (v2) base URL, used only by `higgs-runpod deploy`.",
+    )
+    voice_cache_items: int = Field(
+        default=256,
+        ge=0,
+        description="Reference clips whose audio codes are kept in memory (least recently "
+        "used dropped first); 0 keeps none in memory.",
+    )
+    voice_cache_path: Path | None = Field(
+        default_factory=_default_voice_cache_path,
+        description="Directory for encoded reference clips, shared across restarts and "
+        "workers; default /runpod-volume/voice-cache when the volume is mounted, else unset "
+        "(memory only).",
+    )
+    max_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Most jobs the worker takes at once and generates in one batch; 1 runs "
+        "jobs one at a time.",
+    )
+    batch_window_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description="How long the first waiting job waits for others to join its batch.",
     )
 
     @model_validator(mode="after")

@@ -132,18 +132,24 @@ def build_audio_tokenizer(seed: int = 0) -> HiggsAudioV2TokenizerModel:
     return model
 
 
-def build_model(text_tokenizer: PreTrainedTokenizerFast, seed: int = 0):
-    """A two-layer generation model whose audio vocabulary matches the tiny audio tokenizer."""
+TINY_SHAPE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+)
+
+
+def build_model(text_tokenizer: PreTrainedTokenizerFast, seed: int = 0, shape: dict | None = None):
+    """A generation model (two tiny layers unless `shape` says otherwise: benchmarks use
+    bigger ones) whose audio vocabulary matches the tiny audio tokenizer."""
     torch.manual_seed(seed)
     ids = text_tokenizer.convert_tokens_to_ids
     config = HiggsAudioV2Config(
+        **(shape or TINY_SHAPE),
         vocab_size=len(text_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
         max_position_embeddings=8192,
         num_codebooks=TINY_CODEBOOKS,
         codebook_size=TINY_CODES + 2,  # the codes plus stream BOS and EOS
@@ -167,11 +173,11 @@ def build_model(text_tokenizer: PreTrainedTokenizerFast, seed: int = 0):
     return model
 
 
-def make_tiny_model(directory: Path, seed: int = 0) -> tuple[Path, Path]:
+def make_tiny_model(directory: Path, seed: int = 0, shape: dict | None = None) -> tuple[Path, Path]:
     """Write DIR/model and DIR/tokenizer; returns (model_path, tokenizer_path)."""
     model_dir, tokenizer_dir = directory / "model", directory / "tokenizer"
     text_tokenizer = build_text_tokenizer()
-    build_model(text_tokenizer, seed).save_pretrained(model_dir)
+    build_model(text_tokenizer, seed, shape).save_pretrained(model_dir)
     text_tokenizer.save_pretrained(model_dir)
     DacFeatureExtractor(sampling_rate=SAMPLE_RATE, hop_length=HOP_LENGTH).save_pretrained(model_dir)
     processor_config = {

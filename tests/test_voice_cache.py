@@ -1,0 +1,147 @@
+"""The reference voice cache: a clip is encoded once per tokenizer, in memory and on disk."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from conftest import make_wav
+from higgs_runpod.engine import Engine, SamplingParams
+from higgs_runpod.handler import Worker
+from higgs_runpod.prompts import build_conversation
+from higgs_runpod.settings import load_settings
+from higgs_runpod.voice_cache import VoiceCache, tokenizer_identity
+from higgs_runpod.voices import ReferenceClip
+
+
+def _clip(freq: float = 220.0) -> np.ndarray:
+    samples, _ = soundfile.read(io.BytesIO(make_wav(seconds=1.0, freq=freq)), dtype="float32")
+    return samples
+
+
+class _Spy:
+    """Counts calls and delegates to the engine's real encoder."""
+
+    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = engine.encode_clip
+
+        def spy(samples: np.ndarray) -> torch.Tensor:
+            self.calls += 1
+            return real(samples)
+
+        monkeypatch.setattr(engine, "encode_clip", spy)
+
+
+def _engine(base_env: dict[str, str], cache_dir: Path, items: int = 8) -> Engine:
+    env = {**base_env, "VOICE_CACHE_PATH": str(cache_dir), "VOICE_CACHE_ITEMS": str(items)}
+    engine = Engine(load_settings(env))
+    engine.load()
+    return engine
+
+
+def test_hit_skips_the_encoder_and_gives_the_same_codes(
+    base_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _engine(base_env, tmp_path)
+    spy = _Spy(engine, monkeypatch)
+    clip = _clip()
+    first = engine.clip_codes(clip)
+    second = engine.clip_codes(clip.copy())
+    assert spy.calls == 1
+    assert engine.voice_cache is not None and engine.voice_cache.hits == 1
+    assert torch.equal(first, second)
+    assert torch.equal(first, engine.encode_clip(clip).cpu())
+
+
+def test_a_different_clip_is_encoded(
+    base_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _engine(base_env, tmp_path)
+    spy = _Spy(engine, monkeypatch)
+    engine.clip_codes(_clip(220.0))
+    engine.clip_codes(_clip(330.0))
+    assert spy.calls == 2
+
+
+def test_cached_clone_survives_a_restart_through_synthesize(
+    base_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip = ReferenceClip(_clip(), "Hello there.")
+    conversation = build_conversation("Good morning.", voice=clip)
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ras_win_len=0)
+    before = _engine(base_env, tmp_path).synthesize(conversation, params, decode=False)
+
+    restarted = _engine(base_env, tmp_path)  # a new process would start just like this
+    spy = _Spy(restarted, monkeypatch)
+    after = restarted.synthesize(conversation, params, decode=False)
+    assert spy.calls == 0
+    assert restarted.voice_cache is not None and restarted.voice_cache.disk_hits == 1
+    assert torch.equal(before.codes, after.codes)
+    assert before.prompt_tokens == after.prompt_tokens
+
+
+def test_library_voices_are_encoded_at_start_up(
+    base_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _engine(base_env, tmp_path)
+    worker = Worker(engine.settings, engine)
+    assert worker.warm_voices() == 1  # the library holds `alice`
+    spy = _Spy(engine, monkeypatch)
+    clip = worker.voices.resolve("alice", "voice")
+    assert isinstance(clip, ReferenceClip)
+    engine.clip_codes(clip.samples)
+    assert spy.calls == 0
+
+
+def test_memory_is_bounded_least_recently_used_first() -> None:
+    encoded: list[float] = []
+
+    def encode(samples: np.ndarray) -> torch.Tensor:
+        encoded.append(float(samples[0]))
+        return torch.full((2, 3), int(samples[0]))
+
+    cache = VoiceCache("commit:abc", max_items=2, directory=None)
+    clips = [np.full(10, value, dtype=np.float32) for value in (1.0, 2.0, 3.0)]
+    cache.codes(clips[0], encode)
+    cache.codes(clips[1], encode)
+    cache.codes(clips[0], encode)  # 1 is now the most recent; 2 goes next
+    cache.codes(clips[2], encode)
+    cache.codes(clips[0], encode)
+    cache.codes(clips[1], encode)
+    assert encoded == [1.0, 2.0, 3.0, 2.0]
+
+
+def test_another_tokenizer_does_not_share_codes(tmp_path: Path) -> None:
+    clip = np.ones(10, dtype=np.float32)
+    first = VoiceCache("commit:one", 4, tmp_path)
+    first.codes(clip, lambda s: torch.zeros((2, 3), dtype=torch.long))
+    second = VoiceCache("commit:two", 4, tmp_path)
+    codes = second.codes(clip, lambda s: torch.ones((2, 3), dtype=torch.long))
+    assert second.misses == 1 and int(codes.sum()) == 6
+
+
+def test_an_unreadable_file_is_encoded_again(tmp_path: Path) -> None:
+    clip = np.ones(10, dtype=np.float32)
+    cache = VoiceCache("commit:one", 4, tmp_path)
+    cache.codes(clip, lambda s: torch.zeros((2, 3), dtype=torch.long))
+    for file in tmp_path.rglob("*.pt"):
+        file.write_bytes(b"torn")
+    fresh = VoiceCache("commit:one", 4, tmp_path)
+    codes = fresh.codes(clip, lambda s: torch.ones((2, 3), dtype=torch.long))
+    assert fresh.misses == 1 and int(codes.sum()) == 6
+    again = VoiceCache("commit:one", 4, tmp_path)
+    assert int(again.codes(clip, lambda s: torch.zeros((2, 3))).sum()) == 6  # rewritten
+
+
+def test_identity_without_a_commit_follows_the_files(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    before = tokenizer_identity(tmp_path, None)
+    assert tokenizer_identity(tmp_path, "abc") == "commit:abc"
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert tokenizer_identity(tmp_path, None) != before
