@@ -90,35 +90,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class LocalServer:
-    """`higgs-runpod serve` in a subprocess: RunPod's real local API server."""
+class ServerProcess:
+    """A server in a subprocess on a free loopback port, its output in a log file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    ready_path = "/"
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "higgs_runpod.cli", "serve", "--port", str(self.port)]
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            command, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, *args],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def is_ready(self) -> bool:
+        return httpx.get(f"{self.url}{self.ready_path}", timeout=1.0).status_code < 500
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log()}")
             try:
-                httpx.get(f"{self.url}/docs", timeout=1.0)
-                return
+                if self.is_ready():
+                    return
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         raise TimeoutError(f"server not ready:\n{self.log()}")
-
-    def runsync(self, job_input: dict, timeout: float = 120.0) -> dict:
-        response = httpx.post(f"{self.url}/runsync", json={"input": job_input}, timeout=timeout)
-        response.raise_for_status()
-        return response.json()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -130,6 +133,22 @@ class LocalServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self._log.close()
+
+
+class LocalServer(ServerProcess):
+    """`higgs-runpod serve` in a subprocess: RunPod's real local API server."""
+
+    ready_path = "/docs"
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        port = free_port()
+        args = ["-m", "higgs_runpod.cli", "serve", "--port", str(port)]
+        super().__init__(args, env, log_path, port)
+
+    def runsync(self, job_input: dict, timeout: float = 120.0) -> dict:
+        response = httpx.post(f"{self.url}/runsync", json={"input": job_input}, timeout=timeout)
+        response.raise_for_status()
+        return response.json()
 
 
 @pytest.fixture(scope="session")

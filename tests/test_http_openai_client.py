@@ -11,9 +11,6 @@ import asyncio
 import base64
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +22,7 @@ import openai
 import pytest
 import soundfile
 
-from conftest import free_port
+from conftest import ServerProcess, free_port
 from higgs_runpod import audio
 
 pytestmark = pytest.mark.slow
@@ -34,36 +31,16 @@ CHUNK_BYTES = 4096
 MAX_BODY = 200_000
 
 
-class HttpServer:
+class HttpServer(ServerProcess):
+    """`higgs-runpod start` with WORKER_MODE=http: ready when /ping answers 200."""
+
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        env = {**os.environ, **env, "WORKER_MODE": "http", "HTTP_HOST": "127.0.0.1"}
-        env["PORT"] = str(self.port)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "higgs_runpod.cli", "start"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        port = free_port()
+        env = {**env, "WORKER_MODE": "http", "HTTP_HOST": "127.0.0.1", "PORT": str(port)}
+        super().__init__(["-m", "higgs_runpod.cli", "start"], env, log_path, port)
 
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/ping", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def is_ready(self) -> bool:
+        return httpx.get(f"{self.url}/ping", timeout=1.0).status_code == 200
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics", headers=AUTH).text
@@ -71,14 +48,6 @@ class HttpServer:
             if line.startswith(name + " "):
                 return float(line.split()[1])
         raise KeyError(name)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log.close()
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
