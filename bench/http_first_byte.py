@@ -29,7 +29,7 @@ import httpx
 import torch
 from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
-from higgs_runpod.tiny import TINY_CODEBOOKS, TINY_CODES
+from higgs_runpod.tiny import sharpen_audio_head
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 CPU_SIZE = {
@@ -51,10 +51,7 @@ def make_checkpoint(directory: Path, size: str) -> tuple[Path, Path]:
         config.update(CPU_SIZE)
         torch.manual_seed(0)
         model = HiggsAudioV2ForConditionalGeneration(config).eval()
-        with torch.no_grad():  # as tiny.py does: talk until max_new_tokens
-            head = model.audio_lm_head.weight.view(TINY_CODEBOOKS, TINY_CODES + 2, -1)
-            head.mul_(100.0)
-            head[:, TINY_CODES:, :] = 0.0
+        sharpen_audio_head(model)  # as tiny.py does: talk until max_new_tokens
         model.save_pretrained(model_dir)
     return model_dir, tokenizer_dir
 

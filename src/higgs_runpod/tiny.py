@@ -70,20 +70,26 @@ _CORPUS = [
 ]
 
 
-def build_text_tokenizer() -> PreTrainedTokenizerFast:
-    """A small byte-level BPE tokenizer: any UTF-8 text encodes, nothing is downloaded."""
+def train_byte_level_bpe(special_tokens: list[str], vocab_size: int = 400) -> Tokenizer:
+    """A byte-level BPE trained on a few sentences: any UTF-8 text encodes, nothing is
+    downloaded; `special_tokens` take the first ids."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    return tokenizer
+
+
+def build_text_tokenizer() -> PreTrainedTokenizerFast:
+    """A small text tokenizer with the prompt's special tokens (ids of its own choosing)."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=train_byte_level_bpe(SPECIAL_TOKENS),
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
@@ -92,16 +98,19 @@ def build_text_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_audio_tokenizer(seed: int = 0) -> HiggsAudioV2TokenizerModel:
-    """A tiny audio tokenizer with the real frame rate (25 Hz) and TINY_CODEBOOKS codebooks."""
+def build_audio_tokenizer(
+    seed: int = 0, codebooks: int = TINY_CODEBOOKS, codes: int = TINY_CODES
+) -> HiggsAudioV2TokenizerModel:
+    """A tiny audio tokenizer with the real frame rate (25 Hz): `codebooks` codebooks of
+    `codes` codes each (the real one has 8 of 1024)."""
     torch.manual_seed(seed)
-    bits = (TINY_CODES - 1).bit_length()
+    bits = (codes - 1).bit_length()
     frame_rate = SAMPLE_RATE // HOP_LENGTH
     config = HiggsAudioV2TokenizerConfig(
         # num_quantizers = 1000 * bandwidth // (frame_rate * bits)
-        target_bandwidths=[TINY_CODEBOOKS * frame_rate * bits / 1000],
+        target_bandwidths=[codebooks * frame_rate * bits / 1000],
         sample_rate=SAMPLE_RATE,
-        codebook_size=TINY_CODES,
+        codebook_size=codes,
         codebook_dim=8,
         acoustic_model_config={
             "encoder_hidden_size": 4,
@@ -122,6 +131,8 @@ def build_audio_tokenizer(seed: int = 0) -> HiggsAudioV2TokenizerModel:
             "num_conv_pos_embedding_groups": 2,
         },
     )
+    if config.num_quantizers != codebooks:
+        raise ValueError(f"{codebooks} codebooks of {codes} codes give no whole bandwidth")
     model = HiggsAudioV2TokenizerModel(config).eval()
     # Codebooks start as zero buffers (real ones are learned): give them random vectors so
     # that decoded audio depends on the codes and encoding picks distinct codes.
@@ -142,16 +153,35 @@ TINY_SHAPE = dict(
 )
 
 
-def build_model(text_tokenizer: PreTrainedTokenizerFast, seed: int = 0, shape: dict | None = None):
+def sharpen_audio_head(model: HiggsAudioV2ForConditionalGeneration) -> None:
+    """Make a random model talk until max_new_tokens.
+
+    Random weights give near-uniform logits, so the stream EOS code would end audio after a
+    dozen frames. Sharpen the audio head and give the stream BOS/EOS rows a zero logit: the
+    model then never picks them, which makes lengths predictable.
+    """
+    config = model.config
+    with torch.no_grad():
+        head = model.audio_lm_head.weight.view(config.num_codebooks, config.codebook_size, -1)
+        head.mul_(100.0)
+        head[:, [config.audio_stream_bos_id, config.audio_stream_eos_id], :] = 0.0
+
+
+def build_model(
+    text_tokenizer: PreTrainedTokenizerFast,
+    seed: int = 0,
+    shape: dict | None = None,
+    codebooks: int = TINY_CODEBOOKS,
+):
     """A generation model (two tiny layers unless `shape` says otherwise: benchmarks use
-    bigger ones) whose audio vocabulary matches the tiny audio tokenizer."""
+    bigger ones) whose audio vocabulary matches `build_audio_tokenizer(codebooks=...)`."""
     torch.manual_seed(seed)
     ids = text_tokenizer.convert_tokens_to_ids
     config = HiggsAudioV2Config(
         **(shape or TINY_SHAPE),
         vocab_size=len(text_tokenizer),
         max_position_embeddings=8192,
-        num_codebooks=TINY_CODEBOOKS,
+        num_codebooks=codebooks,
         codebook_size=TINY_CODES + 2,  # the codes plus stream BOS and EOS
         audio_stream_bos_id=TINY_CODES,
         audio_stream_eos_id=TINY_CODES + 1,
@@ -163,21 +193,17 @@ def build_model(text_tokenizer: PreTrainedTokenizerFast, seed: int = 0, shape: d
         pad_token_id=ids(PAD),
     )
     model = HiggsAudioV2ForConditionalGeneration(config).eval()
-    # Random weights give near-uniform logits, so the stream EOS code would end audio after a
-    # dozen frames. Sharpen the audio head and give the stream BOS/EOS rows a zero logit:
-    # the tiny model then talks until max_new_tokens, which makes lengths predictable.
-    with torch.no_grad():
-        head = model.audio_lm_head.weight.view(TINY_CODEBOOKS, TINY_CODES + 2, -1)
-        head.mul_(100.0)
-        head[:, TINY_CODES:, :] = 0.0
+    sharpen_audio_head(model)
     return model
 
 
-def make_tiny_model(directory: Path, seed: int = 0, shape: dict | None = None) -> tuple[Path, Path]:
+def make_tiny_model(
+    directory: Path, seed: int = 0, shape: dict | None = None, codebooks: int = TINY_CODEBOOKS
+) -> tuple[Path, Path]:
     """Write DIR/model and DIR/tokenizer; returns (model_path, tokenizer_path)."""
     model_dir, tokenizer_dir = directory / "model", directory / "tokenizer"
     text_tokenizer = build_text_tokenizer()
-    build_model(text_tokenizer, seed, shape).save_pretrained(model_dir)
+    build_model(text_tokenizer, seed, shape, codebooks).save_pretrained(model_dir)
     text_tokenizer.save_pretrained(model_dir)
     DacFeatureExtractor(sampling_rate=SAMPLE_RATE, hop_length=HOP_LENGTH).save_pretrained(model_dir)
     processor_config = {
@@ -188,7 +214,7 @@ def make_tiny_model(directory: Path, seed: int = 0, shape: dict | None = None) -
     }
     (model_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
     (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    build_audio_tokenizer(seed).save_pretrained(tokenizer_dir)
+    build_audio_tokenizer(seed, codebooks).save_pretrained(tokenizer_dir)
     (directory / "README.txt").write_text(
         "Tiny randomly initialised Higgs Audio v2 checkpoint made by `higgs-runpod "
         "make-tiny-model`.\nIt has the real architecture but untrained weights: it speaks "
