@@ -25,6 +25,7 @@ from higgs_runpod.engine import Engine
 from higgs_runpod.handler import Worker
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.tiny import make_tiny_model
+from higgs_runpod.tiny_published import make_published_layout_model
 from hub_server import HubServer, host_directory
 from s3store import AuthStore, StrictStore
 
@@ -33,6 +34,13 @@ from s3store import AuthStore, StrictStore
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(MODEL_PATH, TOKENIZER_PATH) of a tiny random checkpoint built once per session."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def published_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(MODEL_PATH, TOKENIZER_PATH) of a tiny checkpoint in the published checkpoint's layout
+    (real token ids, 8 codebooks of 1024 codes), built once per session."""
+    return make_published_layout_model(tmp_path_factory.mktemp("published"))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,3 +92,14 @@ def test_make_tiny_model_says_it_speaks_noise(tmp_path: Path) -> None:
     assert "speaks noise" in result.stdout
     assert (tmp_path / "tiny" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "tiny" / "tokenizer" / "config.json").is_file()
+
+
+def test_make_tiny_model_in_the_published_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(["make-tiny-model", "--published-layout", str(tmp_path)])
+    assert args.func(args) == 0
+    assert f"MODEL_PATH={tmp_path / 'model'}" in capsys.readouterr().out
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert (config["vocab_size"], config["codebook_size"]) == (128256, 1026)
+    assert (tmp_path / "tokenizer" / "model.safetensors").is_file()

@@ -212,9 +212,12 @@ def cmd_voices(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny import make_tiny_model
+    if args.published_layout:
+        from .tiny_published import make_published_layout_model as make
+    else:
+        from .tiny import make_tiny_model as make
 
-    model_dir, tokenizer_dir = make_tiny_model(args.directory)
+    model_dir, tokenizer_dir = make(args.directory)
     print(  # noqa: T201
         f"Wrote a tiny random Higgs Audio v2 checkpoint (it speaks noise):\n"
         f"  MODEL_PATH={model_dir}\n  TOKENIZER_PATH={tokenizer_dir}"
@@ -318,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint")
     tiny.add_argument("directory", type=Path)
+    tiny.add_argument(
+        "--published-layout",
+        action="store_true",
+        help="the published checkpoint's files and token ids (8 x 1024 codes; about 15 MB)",
+    )
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     download = commands.add_parser(
