@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoConfig,
     AutoTokenizer,
     HiggsAudioV2ForConditionalGeneration,
     HiggsAudioV2TokenizerModel,
 )
+
+from higgs_runpod.tiny import make_tiny_model
 
 
 def test_loads_with_the_standard_classes(tiny_checkpoint: tuple[Path, Path]) -> None:
@@ -43,3 +46,15 @@ def test_says_it_speaks_noise(tiny_checkpoint: tuple[Path, Path]) -> None:
         ]
         == 16
     )
+
+
+def test_other_codebook_counts_agree(tmp_path: Path) -> None:
+    """Parity tests build tiny shapes with other codebook counts."""
+    model_path, tokenizer_path = make_tiny_model(tmp_path, seed=1, codebooks=6)
+    model = HiggsAudioV2ForConditionalGeneration.from_pretrained(model_path)
+    audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(tokenizer_path)
+    assert model.config.num_codebooks == audio_tokenizer.config.num_quantizers == 6
+    prompt = AutoTokenizer.from_pretrained(model_path)("Hi", return_tensors="pt")
+    codes = model.generate(**prompt, do_sample=False, max_new_tokens=9)
+    assert codes.shape == (1, 9, 6)
+    assert torch.all(codes[0, -1] < 16)  # past the delay pattern every codebook has a code
