@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -97,7 +101,7 @@ class Volume:
         env = {k: v for k, v in env.items() if v is not None}
         command = [sys.executable, "-m", "higgs_runpod.bootstrap", "--", sys.executable]
         return subprocess.Popen(
-            [*command, "-c", PROBE], env=env, text=True,
+            [*command, "-c", PROBE], env=env, text=True, start_new_session=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
 
@@ -195,6 +199,7 @@ def test_no_volume_falls_back_to_a_local_runtime_with_a_warning(vol: Volume) -> 
         ),
         ({"RUNTIME_MODE": "sometimes"}, "RUNTIME_MODE must be one of volume, image"),
         ({"RUNTIME_LOCK_WAIT_S": "soon"}, "RUNTIME_LOCK_WAIT_S must be a number"),
+        ({"RUNTIME_LOCK_STALE_S": "0"}, "RUNTIME_LOCK_STALE_S must be a number of seconds"),
         ({"RUNTIME_UV": "/nonexistent/uv"}, "RUNTIME_UV: '/nonexistent/uv' is not an"),
     ],
 )
@@ -213,3 +218,105 @@ def test_image_mode_starts_the_worker_without_installing(vol: Volume) -> None:
     assert done.returncode == 1  # the probe cannot import tinyrt: nothing was installed
     assert "No module named 'tinyrt'" in done.stderr
     assert vol.install_count() == 0
+
+
+def test_the_marker_carries_a_manifest_of_every_installed_file(vol: Volume) -> None:
+    assert vol.run().returncode == 0
+    files = json.loads((vol.runtime / MARKER).read_bytes())["files"]
+    module = (vol.runtime / "tinyrt" / "__init__.py").read_bytes()
+    assert files["tinyrt/__init__.py"] == [len(module), hashlib.sha256(module).hexdigest()]
+    on_disk = {p.relative_to(vol.runtime).as_posix() for p in vol.runtime.rglob("*") if p.is_file()}
+    assert set(files) == on_disk - {MARKER}
+
+
+def _drop_sitecustomize(runtime: Path, witness: Path) -> None:
+    (runtime / "sitecustomize.py").write_text(f"open({str(witness)!r}, 'w').write('ran')\n")
+
+
+def _change_a_module(runtime: Path, witness: Path) -> None:
+    module = runtime / "tinyrt" / "__init__.py"
+    module.write_text(f"open({str(witness)!r}, 'w').write('ran')\nVALUE = 'two'\n")  # size differs
+    for pyc in runtime.rglob("*.pyc"):
+        pyc.unlink()  # so the changed source is what Python would run
+
+
+def _same_size_other_bytes(runtime: Path, witness: Path) -> None:
+    module = runtime / "tinyrt" / "__init__.py"
+    module.write_bytes(module.read_bytes().replace(b"one", b"owt"))  # same size, new bytes
+
+
+def _add_a_pth_and_a_module(runtime: Path, witness: Path) -> None:
+    (runtime / "evil.pth").write_text("import os\n")
+    (runtime / "tinyrt" / "extra.py").write_text(f"open({str(witness)!r}, 'w')\n")
+
+
+def _link_the_package_elsewhere(runtime: Path, witness: Path) -> None:
+    copy = runtime.parent / "elsewhere"
+    (runtime / "tinyrt").rename(copy)
+    (runtime / "tinyrt").symlink_to(copy)
+
+
+def _forget_the_manifest(runtime: Path, witness: Path) -> None:
+    marker = json.loads((runtime / MARKER).read_bytes())
+    del marker["files"]  # what an earlier version of the bootstrap wrote
+    (runtime / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_drop_sitecustomize, "sitecustomize.py is not in the manifest"),
+        (_change_a_module, "bytes, expected 14"),
+        (_same_size_other_bytes, "tinyrt/__init__.py has the wrong sha256"),
+        (_add_a_pth_and_a_module, "is not in the manifest"),
+        (_link_the_package_elsewhere, "tinyrt is a symbolic link"),
+        (_forget_the_manifest, "holds no file manifest"),
+    ],
+)
+def test_a_runtime_that_differs_from_its_manifest_is_never_used_and_reinstalled(
+    vol: Volume, tamper: Callable[[Path, Path], None], reason: str
+) -> None:
+    assert vol.run().returncode == 0
+    witness = vol.root / "witness"
+    tamper(vol.runtime, witness)
+    done = vol.run()
+    assert done.returncode == 0, done.stderr
+    assert not witness.exists(), "code added to the volume ran"
+    refused = [line for line in done.stderr.splitlines() if "NOT using the runtime" in line]
+    assert len(refused) == 1 and reason in refused[0], done.stderr
+    assert vol.install_count() == 2
+    assert done.stdout.split() == ["RUNTIME", "one", str(vol.runtime)]
+    assert not (vol.runtime / "sitecustomize.py").exists()
+    again = vol.run()  # the reinstalled runtime verifies and is reused as is
+    assert "reusing the runtime" in again.stderr and vol.install_count() == 2
+
+
+def test_unlisted_data_files_do_not_cost_a_reinstall(vol: Volume) -> None:
+    assert vol.run().returncode == 0
+    (vol.runtime / "tinyrt" / "notes.txt").write_text("harmless: nothing imports it")
+    done = vol.run()
+    assert "reusing the runtime" in done.stderr and vol.install_count() == 1
+
+
+def test_an_installer_that_lost_its_lock_does_not_publish(vol: Volume) -> None:
+    """A stalls inside its install for longer than the lock's stale limit; B takes the lock
+    over, installs and publishes. When A resumes it must give up, not replace B's runtime."""
+    stale = {"RUNTIME_LOCK_STALE_S": "2"}
+    first = vol.start(SLOW_INSTALL="3", **stale)
+    deadline = time.monotonic() + 30
+    while vol.install_count() < 1:  # A is in its install (the uv wrapper's sleep)
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        second = vol.run(**stale)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    assert second.returncode == 0, second.stderr
+    published = (vol.runtime / MARKER).read_bytes()
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 2, stderr
+    assert "took over the install lock" in stderr and "not publishing" in stderr
+    assert "RUNTIME" not in stdout
+    assert (vol.runtime / MARKER).read_bytes() == published, "B's runtime was replaced"
+    assert sorted(p.name for p in vol.runtimes.iterdir()) == [vol.runtime.name]

@@ -16,32 +16,40 @@ volume, once per lock file, and reused by every later start without network acce
   in it names its own path, so the rename is safe. The worker runs on the image's own
   interpreter with that directory first on `PYTHONPATH` (`.pth` files in it are not
   processed; nothing the worker imports needs one).
-- Trust: only a directory that carries the marker is used. A failed or killed install
-  leaves a staging directory (removed by the next installer under the lock) and never a
-  marker, so the next start installs again.
+- Trust: the marker is written last and carries a manifest of every installed file (size
+  and SHA-256, see `runtime_manifest`). Before each use the tree is checked against it;
+  a runtime without a marker, or one that differs from its manifest (a file changed, or
+  an unlisted `sitecustomize.py`, `.pth`, `.py` or `.so` added), is never used: the start
+  says so in one line and installs it again. A failed or killed install leaves a staging
+  directory (removed by the next installer under the lock) and never a marker.
+- Races: each installer stages into a directory named for it alone (host, pid, random),
+  and checks that it still holds the lock right before publishing: one that stalled so
+  long that another start took the lock over gives up instead of replacing that start's
+  runtime. The worker runs with `PYTHONDONTWRITEBYTECODE`, so it never adds files there.
 - No volume: a container-local directory is used instead, with a warning (the install
   then happens on every cold start of that container).
 
 This module runs before the runtime exists: standard library only (and `volume_lock`).
 Configuration comes from environment variables, read in `load_config`; see
-`docs/issue-4.md` for each one.
+README's configuration table (bootstrap part) for each one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .volume_lock import VolumeLock, publish_directory, remove_tree
+from . import runtime_manifest
+from .volume_lock import VolumeLock, owner_sibling, publish_directory, remove_tree
 
 MARKER = ".higgs-runtime-complete.json"
 WORKER_COMMAND = ("-m", "higgs_runpod.cli", "start")  # queue or HTTP, by WORKER_MODE
@@ -61,6 +69,7 @@ class Config:
     runtime_dir: Path
     local_runtime_dir: Path
     lock_wait_s: float
+    lock_stale_s: float
     uv: str
 
 
@@ -80,10 +89,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         if not requirements.is_file():
             raise BootstrapError(f"RUNTIME_REQUIREMENTS: {requirements} is not a file")
     volume = Path(env.get("VOLUME_PATH", "/runpod-volume"))
-    try:
-        lock_wait_s = float(env.get("RUNTIME_LOCK_WAIT_S", "1800"))
-    except ValueError:
-        raise BootstrapError("RUNTIME_LOCK_WAIT_S must be a number of seconds") from None
+    lock_wait_s = _seconds(env, "RUNTIME_LOCK_WAIT_S", "1800")
+    lock_stale_s = _seconds(env, "RUNTIME_LOCK_STALE_S", "60")
     return Config(
         mode=mode,
         requirements=requirements,
@@ -91,8 +98,19 @@ def load_config(env: Mapping[str, str]) -> Config:
         runtime_dir=Path(env.get("RUNTIME_DIR", str(volume / "higgs-runpod" / "runtimes"))),
         local_runtime_dir=Path(env.get("RUNTIME_LOCAL_DIR", "/tmp/higgs-runpod/runtimes")),
         lock_wait_s=lock_wait_s,
+        lock_stale_s=lock_stale_s,
         uv=env.get("RUNTIME_UV", "uv"),
     )
+
+
+def _seconds(env: Mapping[str, str], name: str, default: str) -> float:
+    try:
+        value = float(env.get(name, default))
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise BootstrapError(f"{name} must be a number of seconds, more than 0")
+    return value
 
 
 def say(message: str) -> None:
@@ -108,8 +126,36 @@ def runtime_key(requirements: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def is_complete(runtime: Path) -> bool:
-    return (runtime / MARKER).is_file()
+def verify(runtime: Path) -> list[str]:
+    """Why `runtime` must not be used (no marker, or a tree that differs from its manifest);
+    empty when it is exactly what was installed."""
+    try:
+        marker = json.loads((runtime / MARKER).read_bytes())
+    except FileNotFoundError:
+        return ["it has no completion marker"]
+    except (OSError, ValueError) as error:
+        return [f"its marker is unreadable ({error})"]
+    files = marker.get("files") if isinstance(marker, dict) else None
+    try:
+        return runtime_manifest.problems(runtime, files, MARKER)
+    except OSError as error:
+        return [f"it could not be read ({error})"]
+
+
+def usable(runtime: Path, *, report: bool = True) -> bool:
+    """Verify a runtime that exists; one clear line when it is refused (if `report`)."""
+    if not runtime.exists():
+        return False
+    started = time.monotonic()
+    problems = verify(runtime)
+    if not problems:
+        say(f"verified {runtime} in {time.monotonic() - started:.2f} s")
+        return True
+    if not report:
+        return False
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    say(f"NOT using the runtime {runtime}: {problems[0]}{more}; installing it again")
+    return False
 
 
 def _writable(path: Path) -> bool:
@@ -176,23 +222,39 @@ def ensure_runtime(config: Config) -> Path:
     root = choose_runtime_root(config)
     key = runtime_key(config.requirements)
     runtime = root / key
-    if is_complete(runtime):
+    if usable(runtime):
         say(f"reusing the runtime {runtime}")
         return runtime
     root.mkdir(parents=True, exist_ok=True)
-    with VolumeLock(root / f"{key}.lock", wait_timeout_s=config.lock_wait_s, on_wait=say):
-        if is_complete(runtime):  # another worker installed it while this one waited
+    lock = VolumeLock(
+        root / f"{key}.lock",
+        stale_after_s=config.lock_stale_s,
+        heartbeat_s=config.lock_stale_s / 12,
+        wait_timeout_s=config.lock_wait_s,
+        on_wait=say,
+    )
+    with lock:
+        if usable(runtime, report=False):  # another worker installed it while this one waited
             say(f"reusing the runtime {runtime}, installed by another worker")
             return runtime
-        for leftover in [runtime, *root.glob(f".staging-{key}-*")]:
-            if leftover.exists():  # an earlier install that did not finish: never trusted
-                say(f"removing the unfinished {leftover}")
+        stagings = [*root.glob(f".{key}.staging-*"), *root.glob(f".staging-{key}-*")]
+        for leftover in [runtime, *stagings]:
+            if leftover.exists():  # unfinished, refused, or left by a stalled installer
+                say(f"removing {leftover}")
                 remove_tree(leftover)
-        staging = root / f".staging-{key}-{uuid.uuid4().hex[:8]}"
+        staging = owner_sibling(runtime, "staging")
         try:
             install(config, staging)
+            files = runtime_manifest.build(staging, MARKER)
             marker = {"key": key, "python": sys.version.split()[0], "installed_at": time.time()}
-            publish_directory(staging, runtime, MARKER, marker)
+            if not lock.holds():  # stalled past the stale limit: another start owns it now
+                raise BootstrapError(
+                    f"another start took over the install lock {lock.path} while this one "
+                    f"stalled for over {config.lock_stale_s:.0f} s; not publishing its runtime"
+                )
+            publish_directory(staging, runtime, MARKER, {**marker, "files": files})
+        except ValueError as error:
+            raise BootstrapError(f"the installed runtime cannot be trusted: {error}") from None
         finally:
             if staging.exists():
                 remove_tree(staging)
@@ -202,7 +264,8 @@ def ensure_runtime(config: Config) -> Path:
 
 def worker_env(env: Mapping[str, str], runtime: Path | None) -> dict[str, str]:
     out = dict(env)
-    if runtime is not None:
+    if runtime is not None:  # verified: the worker must not add bytecode to it
+        out["PYTHONDONTWRITEBYTECODE"] = "1"
         out["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(runtime), env.get("PYTHONPATH", "")) if p
         )

@@ -97,6 +97,16 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def owner_sibling(path: Path, role: str) -> Path:
+    """A name beside `path` that only this process ever uses: `.NAME.ROLE-HOST-PID-RANDOM`.
+
+    Staging under such a name means that a holder which stalled and lost its lock keeps
+    writing, if at all, into its own directory and never into its successor's.
+    """
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
+    return path.with_name(f".{path.name}.{role}-{host[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def publish_directory(staging: Path, target: Path, marker_name: str, marker: dict) -> None:
     """Make the finished directory `staging` appear as `target`, with `marker_name` written last.
 
@@ -195,8 +205,12 @@ class VolumeLock:
             return False
         return True
 
-    def _holds(self) -> bool:
-        return _parse_owner(_read_owner(self.path)).get("token") == self._token
+    def holds(self) -> bool:
+        """Read the owner record now: is the lock still this holder's? Call it right before
+        publishing (the heartbeat notices a takeover only at its next beat)."""
+        if _parse_owner(_read_owner(self.path)).get("token") != self._token:
+            self.lost = True
+        return not self.lost
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -252,7 +266,7 @@ class VolumeLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._holds():
+        if self.holds():
             remove_tree(self.path)
 
     # -- taking over ----------------------------------------------------------------------
