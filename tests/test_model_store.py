@@ -323,3 +323,69 @@ def test_unreadable_config(tiny_checkpoint, tmp_path: Path) -> None:
     (tokenizer / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelNotFoundError, match="model_type='llama'"):
         check(tiny_checkpoint[0], tokenizer)
+
+
+# --- races on a shared volume ----------------------------------------------------------------
+
+
+def test_another_revision_in_the_same_model_path_is_refused_not_replaced(
+    tiny_hub: HubServer, tmp_path: Path
+) -> None:
+    env = volume_env(tmp_path, tiny_hub.url)
+    code, _, err = finish(run_cli(env, "download", tmp=tmp_path))
+    assert code == 0, err
+    settings = load_settings(env)
+    first_commit = tiny_hub.repos[MODEL_REPO].commit
+    published = (settings.model_path / MARKER).read_bytes()
+    tiny_hub.repos[MODEL_REPO].commit = "d" * 40  # a new revision on the hub
+    tiny_hub.reset_counters()
+
+    other = {**env, "MODEL_REVISION": "d" * 40}
+    code, _, err = finish(run_cli(other, "download", tmp=tmp_path))
+    assert code == 1
+    assert f"MODEL_PATH={settings.model_path} holds {MODEL_REPO} revision main" in err
+    assert first_commit in err and f"wants {MODEL_REPO} revision {'d' * 40}" in err
+    assert "Traceback" not in err
+    assert (settings.model_path / MARKER).read_bytes() == published, "the live copy was replaced"
+    assert tiny_hub.counters.file_gets == {}, "nothing was downloaded"
+    assert_verified(settings)
+
+    separate = {**other, "MODEL_PATH": str(tmp_path / "bosonai" / "model-d")}
+    code, _, err = finish(run_cli(separate, "download", tmp=tmp_path))
+    assert code == 0, err  # its own path: both revisions side by side
+    assert read_marker(settings.model_path)["manifest"]["commit"] == first_commit
+
+
+def test_a_holder_that_stalled_and_lost_the_lock_neither_writes_into_nor_publishes_over_the_next(
+    tiny_hub: HubServer, tmp_path: Path
+) -> None:
+    """A stalls inside the tokenizer's weights (SIGSTOP) for longer than the lock's stale
+    limit; B takes the lock over, resumes A's files and publishes. When A resumes, what it
+    still writes must not reach B's checkpoint, and A must fail rather than publish."""
+    tiny_hub.bytes_per_second = 200_000
+    env = volume_env(tmp_path, tiny_hub.url, DOWNLOAD_LOCK_STALE_S="5")
+    settings = load_settings(env)
+    model_bytes = sum(file.size for file in tiny_hub.repos[MODEL_REPO].files.values())
+    first = run_cli(env, "download", tmp=tmp_path)
+    deadline = time.monotonic() + 60
+    while tiny_hub.counters.bytes_served < model_bytes + 200_000:  # inside the tokenizer weights
+        assert first.poll() is None, finish(first)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        code, _, err = finish(run_cli(env, "download", tmp=tmp_path))
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert code == 0, err
+    assert "waiting for" in err
+    assert_verified(settings)
+    weights = settings.tokenizer_path / "model.safetensors"
+    published = weights.read_bytes()
+
+    code, _, err = finish(first)
+    assert code == 1, err
+    assert "another worker took over the download lock" in err, err
+    assert weights.read_bytes() == published, "the stalled holder wrote into the published file"
+    assert_verified(settings)
+    assert not list(settings.tokenizer_path.parent.glob(".tokenizer.*")), "no leftovers"

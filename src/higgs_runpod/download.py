@@ -154,10 +154,14 @@ def download_verified(
 
 def prune(staging: Path, manifest: Manifest) -> None:
     """Drop files the manifest does not list or whose size is wrong (the rest gets verified),
-    and the temporary files of downloads that died (huggingface_hub names them per process
-    and cannot resume them)."""
-    for orphan in (staging / HF_METADATA_DIR).glob("huggingface/download/**/*.incomplete"):
-        orphan.unlink(missing_ok=True)
+    and what downloads that died or lost their lock left in huggingface_hub's bookkeeping:
+    their temporary files (a stalled holder may still append to one) and their lock files
+    (a stalled holder still holds one, and the next download would wait on it for ever).
+    Unlinked, they stay with whoever has them open; the next download makes new ones."""
+    bookkeeping = staging / HF_METADATA_DIR / "huggingface" / "download"
+    for pattern in ("**/*.incomplete", "**/*.lock"):
+        for orphan in bookkeeping.glob(pattern):
+            orphan.unlink(missing_ok=True)
     wanted = {file.path: file for file in manifest.files}
     for entry in staging.rglob("*"):
         relative = entry.relative_to(staging).as_posix()

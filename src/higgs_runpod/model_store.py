@@ -9,9 +9,17 @@ is what a worker runs before loading; for each checkpoint, in this order:
 2. MODEL_PATH was filled by hand (no marker) and looks loadable: use it as is.
 3. RunPod's cached-models directory holds the repo: use that snapshot.
 4. Otherwise download, under a `VolumeLock` so that one worker fetches while the others
-   wait: into a private staging directory beside MODEL_PATH, verify every size and hash,
-   write the marker last, rename into place. A crashed download's staging directory is
-   resumed by the next worker; a published file that changed is re-verified and re-fetched.
+   wait: into a staging directory beside MODEL_PATH named for this worker alone, verify
+   every size and hash, write the marker last, rename into place. A crashed download's
+   staging directory is adopted (renamed to the new holder's name) and resumed; a
+   published file that changed is re-verified and re-fetched.
+
+One directory holds one revision. A complete checkpoint of another revision (or repo) at
+MODEL_PATH is never replaced: workers of that revision may be loading it. The worker
+refuses to start, naming the path and both revisions; give each revision its own path.
+A holder that stalled past the lock's stale limit (and so lost the lock to another
+worker) writes only into its own staging directory, and checks that it still holds the
+lock, and that the target is still no other revision's, right before publishing.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from .download import (
 )
 from .errors import CheckpointDownloadError, ModelNotFoundError
 from .settings import Settings
-from .volume_lock import LockTimeout, VolumeLock, publish_directory
+from .volume_lock import LockTimeout, VolumeLock, adopt_staging, publish_directory, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +252,8 @@ def ensure_checkpoint(spec: CheckpointSpec, settings: Settings) -> Ready:
     cached = find_cached_model(settings.hf_cached_models_path, spec)
     if cached is not None:
         return Ready(spec, cached, "runpod-cache", cached.name, tree_bytes(cached), 0.0)
+    if marker and not _marker_matches(marker, spec):
+        raise _other_revision(spec, marker)
 
     lock = VolumeLock(
         _sibling(spec.path, "lock"),
@@ -294,7 +304,10 @@ def _fill_under_lock(
     if marker is None and _has_files(spec.path):
         _check_hand_filled(spec)  # filled by hand while we waited
         return "hand-filled", None
-    if marker and _marker_matches(marker, spec):
+    if marker and not _marker_matches(marker, spec):
+        raise _other_revision(spec, marker)  # published by another revision while we waited
+    staging = adopt_staging(spec.path, "partial")
+    if marker:
         changed = _changed_files(spec.path, marker)
         if not changed:
             return "volume", marker  # another worker finished while we waited
@@ -303,24 +316,20 @@ def _fill_under_lock(
             publish_marker_in_place(spec.path, marker)
             return "volume", marker
         log.warning("%s=%s failed verification; re-fetching", spec.variable, spec.path)
-        return "repaired", _download(spec, settings, lock, reuse_published=True)
-    staging = _sibling(spec.path, "partial")
+        if not staging.exists():
+            spec.path.rename(staging)  # keep the good files; the marker goes below
+        return "repaired", _download(spec, settings, lock, staging)
     staged = read_marker(staging)
     if staged and _marker_matches(staged, spec) and not _changed_files(staging, staged):
-        publish_directory(staging, spec.path, MARKER, staged)  # a publish cut short by a crash
+        _publish(spec, settings, lock, staging, staged)  # a publish cut short by a crash
         return "downloaded", staged
-    return "downloaded", _download(spec, settings, lock, reuse_published=False)
+    return "downloaded", _download(spec, settings, lock, staging)
 
 
-def _download(
-    spec: CheckpointSpec, settings: Settings, lock: VolumeLock, *, reuse_published: bool
-) -> dict:
+def _download(spec: CheckpointSpec, settings: Settings, lock: VolumeLock, staging: Path) -> dict:
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     endpoint = settings.hf_endpoint
     manifest = fetch_manifest(spec.repo, spec.revision, token=token, endpoint=endpoint)
-    staging = _sibling(spec.path, "partial")
-    if reuse_published and not staging.exists():
-        spec.path.rename(staging)  # keep the good files; the marker goes below
     staging.mkdir(parents=True, exist_ok=True)
     (staging / MARKER).unlink(missing_ok=True)
 
@@ -328,20 +337,57 @@ def _download(
         lock.status = status
 
     label = f"{spec.variable}={spec.path}"
-    download_verified(manifest, staging, label, token=token, endpoint=endpoint, report=report)
-    if lock.lost:
-        raise CheckpointDownloadError(
-            f"{spec.variable}: another worker took over the download lock (this one stalled "
-            f"for over {settings.download_lock_stale_s:.0f} s); restart to retry"
+    try:
+        download_verified(manifest, staging, label, token=token, endpoint=endpoint, report=report)
+        marker = _marker_for(staging, manifest)
+        _publish(spec, settings, lock, staging, marker)
+    except Exception:
+        if lock.holds():
+            raise  # the staging directory stays for the next holder to resume
+        remove_tree(staging)  # what a stalled holder wrote after losing the lock: junk
+        raise _lost(spec, settings) from None
+    return marker
+
+
+def _publish(
+    spec: CheckpointSpec, settings: Settings, lock: VolumeLock, staging: Path, marker: dict
+) -> None:
+    """Re-check right before the rename: still this worker's lock, and no other revision's
+    complete checkpoint (or a hand-filled directory) at the target."""
+    if not lock.holds():
+        raise _lost(spec, settings)
+    current = read_marker(spec.path)
+    if current and not _marker_matches(current, spec):
+        raise _other_revision(spec, current)
+    if current is None and _has_files(spec.path):
+        raise ModelNotFoundError(
+            f"{spec.variable}={spec.path} was filled by hand during the download; higgs-runpod "
+            "will not overwrite it"
         )
-    marker = _marker_for(staging, manifest)
     try:
         publish_directory(staging, spec.path, MARKER, marker)
     except OSError as error:
         raise CheckpointDownloadError(
             f"{spec.variable}={spec.path}: could not move the download into place ({error})"
         ) from None
-    return marker
+
+
+def _lost(spec: CheckpointSpec, settings: Settings) -> CheckpointDownloadError:
+    return CheckpointDownloadError(
+        f"{spec.variable}: another worker took over the download lock (this one stalled "
+        f"for over {settings.download_lock_stale_s:.0f} s); restart to retry"
+    )
+
+
+def _other_revision(spec: CheckpointSpec, marker: dict) -> ModelNotFoundError:
+    held = marker["manifest"]
+    return ModelNotFoundError(
+        f"{spec.variable}={spec.path} holds {held['repo']} revision {held['revision']} "
+        f"(commit {held['commit']}), but this worker wants {spec.repo} revision "
+        f"{spec.revision}. A complete checkpoint of another revision is never replaced "
+        f"(workers of that revision may be loading it): give each revision its own "
+        f"{spec.variable}, or delete {spec.path} to switch."
+    )
 
 
 def publish_marker_in_place(path: Path, marker: dict) -> None:

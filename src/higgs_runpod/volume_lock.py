@@ -107,6 +107,34 @@ def owner_sibling(path: Path, role: str) -> Path:
     return path.with_name(f".{path.name}.{role}-{host[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def adopt_staging(path: Path, role: str) -> Path:
+    """Holding the lock that guards `path`: a staging directory of this process's own.
+
+    The newest staging directory that an earlier holder left beside `path` (it died, or
+    stalled and lost the lock) is renamed to the new name, so its finished files are kept
+    while the earlier holder, should it resume, can no longer reach it by name; any others
+    are removed. The returned directory exists only when one was adopted.
+    """
+    mine = owner_sibling(path, role)
+    leftovers = sorted(path.parent.glob(f".{path.name}.{role}*"), key=_mtime, reverse=True)
+    for leftover in leftovers:
+        if not mine.exists():
+            try:
+                leftover.rename(mine)
+                continue
+            except OSError:
+                pass
+        remove_tree(leftover)
+    return mine
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def publish_directory(staging: Path, target: Path, marker_name: str, marker: dict) -> None:
     """Make the finished directory `staging` appear as `target`, with `marker_name` written last.
 
