@@ -63,6 +63,15 @@ def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, s
     return process.returncode, out.decode(), err.decode()
 
 
+def wait_until_served(hub: HubServer, process: subprocess.Popen, served: int) -> None:
+    """Return once the hub has served `served` bytes, while `process` still runs."""
+    deadline = time.monotonic() + 60
+    while hub.counters.bytes_served < served:
+        assert process.poll() is None, finish(process)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def resolve_gets(hub: HubServer) -> dict[tuple[str, str], int]:
     return dict(hub.counters.file_gets)
 
@@ -132,11 +141,7 @@ def test_a_download_killed_midway_is_finished_by_the_next_worker(
     settings = load_settings(env)
     model_bytes = sum(file.size for file in tiny_hub.repos[MODEL_REPO].files.values())
     first = run_cli(env, "download", tmp=tmp_path)
-    deadline = time.monotonic() + 60
-    while tiny_hub.counters.bytes_served < model_bytes + 300_000:  # inside the tokenizer weights
-        assert first.poll() is None, finish(first)
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until_served(tiny_hub, first, model_bytes + 300_000)  # inside the tokenizer weights
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert not settings.tokenizer_path.exists(), "a partial download is never visible"
@@ -367,11 +372,7 @@ def test_a_holder_that_stalled_and_lost_the_lock_neither_writes_into_nor_publish
     settings = load_settings(env)
     model_bytes = sum(file.size for file in tiny_hub.repos[MODEL_REPO].files.values())
     first = run_cli(env, "download", tmp=tmp_path)
-    deadline = time.monotonic() + 60
-    while tiny_hub.counters.bytes_served < model_bytes + 200_000:  # inside the tokenizer weights
-        assert first.poll() is None, finish(first)
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until_served(tiny_hub, first, model_bytes + 200_000)  # inside the tokenizer weights
     first.send_signal(signal.SIGSTOP)
     try:
         code, _, err = finish(run_cli(env, "download", tmp=tmp_path))
