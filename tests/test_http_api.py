@@ -47,6 +47,9 @@ def post(app: Any, path: str, **kwargs: Any) -> httpx.Response:
     return call(app, lambda client: client.post(path, timeout=120, **kwargs))
 
 
+JSON_TYPE = {"Content-Type": "application/json"}
+
+
 def speech_body(**fields: Any) -> dict[str, Any]:
     return {"model": "higgs-audio-v2", "input": "Hello.", "max_new_tokens": 40, **fields}
 
@@ -117,13 +120,14 @@ def test_body_over_the_limit_is_413(settings: Settings, worker: Worker) -> None:
             for _ in range(10):
                 yield b" " * 1024
 
-        return await client.post("/v1/audio/speech", content=pieces())
+        return await client.post("/v1/audio/speech", content=pieces(), headers=JSON_TYPE)
 
     assert call(app, chunked).status_code == 413
 
 
 def test_body_that_is_not_json_is_400(settings: Settings, worker: Worker) -> None:
-    response = post(create_app(settings, worker), "/v1/audio/speech", content=b"{nope")
+    app = create_app(settings, worker)
+    response = post(app, "/v1/audio/speech", content=b"{nope", headers=JSON_TYPE)
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
 

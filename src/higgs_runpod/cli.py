@@ -71,32 +71,37 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _start_runpod([])
 
 
-def _serve_http(host: str | None, port: int | None) -> None:
-    """The OpenAI-compatible HTTP server (http_api) under uvicorn; the model loads meanwhile."""
+def _serve_http(host: str | None, port: int | None) -> int:
+    """The OpenAI-compatible HTTP server (http_api) under uvicorn; the model loads meanwhile.
+    It refuses to start beyond loopback without HIGGS_API_KEY (unless HTTP_ALLOW_NO_KEY)."""
     import uvicorn
 
-    from .http_api import create_app
+    from .http_guard import listen_refusal, uvicorn_config
 
     settings = load_settings()
     host = host or settings.http_host
     port = port or settings.port
-    if settings.higgs_api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
-            "HIGGS_API_KEY is not set: anyone who reaches %s:%d can use the API", host, port
-        )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    refusal = listen_refusal(settings, host)
+    if refusal is not None:
+        log.error("cannot start: %s", refusal)
+        return 1
+    from .http_api import create_app  # the model's imports take seconds: after the checks
+
+    if settings.higgs_api_key is None and settings.http_allow_no_key:
+        log.warning("HIGGS_API_KEY is not set: whoever reaches %s:%d can use the API", host, port)
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, host, port))
+    server.run()
+    return 0 if server.started else 1  # it did not start: the port is taken, say
 
 
 def cmd_http(args: argparse.Namespace) -> int:
-    _serve_http(args.host, args.port)
-    return 0
+    return _serve_http(args.host, args.port)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     """The image's command: WORKER_MODE=queue (RunPod's job queue) or http (load balancing)."""
     if load_settings().worker_mode == "http":
-        _serve_http(None, None)
-        return 0
+        return _serve_http(None, None)
     return _start_runpod([])
 
 

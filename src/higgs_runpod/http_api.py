@@ -5,6 +5,7 @@ The HTTP layer only translates; the audio comes from the same `Worker.speak` as 
     POST /v1/audio/speech --openai_schema--> SpeechRequest --Worker.speak--> Speech
          --AudioStream--> chunked audio bytes, or SSE speech.audio.delta / speech.audio.done
 
+Keys, content types and bodies are checked first (`http_guard`, which also bounds sockets).
 Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` from the
 handlers at the bottom of `create_app`, and nowhere else.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import logging
 import random
@@ -29,9 +29,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import audio
-from .errors import HiggsRunpodError, RequestError
+from .errors import HiggsRunpodError, OutOfMemoryError, RequestError
 from .handler import Worker
 from .health import mark_ready
+from .http_guard import ApiError, ClientGone, CloseUnread, authorize, read_json, require_json
 from .http_metrics import CONTENT_TYPE, CountRequests, Metrics
 from .openai_schema import MODEL_ALIASES, MODEL_ID, OPENAI_VOICES, map_voice, parse_openai_speech
 from .schema import STREAM_FORMATS, SpeechRequest
@@ -43,32 +44,6 @@ log = logging.getLogger(__name__)
 SPEECH_ROUTE = "/v1/audio/speech"
 _INTERNAL = "internal error while generating speech; the worker log has the details"
 ROUTES = frozenset({"/", "/ping", "/metrics", "/v1/models", "/v1/audio/voices", SPEECH_ROUTE})
-
-
-class ApiError(Exception):
-    """An error response in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type, param, code
-        )  # fmt: skip
-
-    def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.type, "param": self.param}
-        return JSONResponse({"error": {**error, "code": self.code}}, status_code=self.status)
-
-
-class ClientGone(Exception):
-    """The client disconnected before the first audio byte."""
 
 
 class Service:
@@ -207,7 +182,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         openapi_url=None,
     )
     app.state.service = service
-    api = APIRouter(dependencies=[Depends(_authorize)])
+    api = APIRouter(dependencies=[Depends(authorize)])
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -245,11 +220,15 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         ]
         return {"voices": entries}
 
-    @api.post(SPEECH_ROUTE)
+    @api.post(SPEECH_ROUTE, dependencies=[Depends(require_json)])
     async def speech(request: Request) -> Response:
-        body = await _read_json(request, settings.http_max_body_bytes)
-        parsed = parse_openai_speech(body, settings)
-        service.admit()
+        service.admit()  # before the body: a slow sender holds a place, and only for so long
+        try:
+            limit, timeout_s = settings.http_max_body_bytes, settings.http_body_timeout_s
+            parsed = parse_openai_speech(await read_json(request, limit, timeout_s), settings)
+        except BaseException:
+            service.release()
+            raise
         stream = AudioStream(
             service.worker, parsed.request, settings.http_stream_chunk_bytes, service.release
         )
@@ -285,8 +264,10 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
 
     @app.exception_handler(HiggsRunpodError)
     async def worker_error(request: Request, error: HiggsRunpodError) -> JSONResponse:
+        """Out of memory is the caller's to know; other messages name paths: log only."""
         log.error("speech request failed: %s", error)
-        return ApiError(500, str(error), type="server_error").response()
+        message = str(error) if isinstance(error, OutOfMemoryError) else _INTERNAL
+        return ApiError(500, message, type="server_error").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -297,38 +278,8 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         log.exception("internal error on %s", request.url.path)
         return ApiError(500, _INTERNAL, type="server_error").response()
 
+    app.add_middleware(CloseUnread)
     return CountRequests(app, service.metrics, ROUTES)
-
-
-async def _authorize(request: Request) -> None:
-    key = request.app.state.service.settings.higgs_api_key
-    if key is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    expected = key.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-        raise ApiError(
-            401,
-            "missing or wrong API key: send 'Authorization: Bearer <HIGGS_API_KEY>'",
-            code="invalid_api_key",
-        )
-
-
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing more than `limit` bytes before reading them all."""
-    too_large = ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "request body must be a JSON object") from None
 
 
 async def _first_piece(stream: AudioStream, request: Request, metrics: Metrics) -> bytes:

@@ -205,7 +205,21 @@ class Settings(BaseSettings):
         description="HTTP server port (RunPod sets PORT).",
     )
     higgs_api_key: SecretStr | None = Field(
-        default=None, description="When set, HTTP routes but /ping and / need this Bearer key."
+        default=None,
+        description="When set, HTTP routes but /ping and / need this key in X-API-Key (or as "
+        "the Bearer key where HTTP_BEARER_AUTH allows it).",
+    )
+    http_bearer_auth: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Also take HIGGS_API_KEY as `Authorization: Bearer`; auto: only off RunPod "
+        "(RUNPOD_ENDPOINT_ID unset), since RunPod's gateway takes that header for its own key.",
+    )
+    http_allow_no_key: bool = Field(
+        default=False,
+        description="Let the HTTP server listen beyond loopback without HIGGS_API_KEY.",
+    )
+    runpod_endpoint_id: str | None = Field(
+        default=None, description="Set by RunPod on its workers; never set it yourself."
     )
     openai_voice_map: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_OPENAI_VOICE_MAP),
@@ -220,6 +234,29 @@ class Settings(BaseSettings):
     http_stream_chunk_bytes: int = Field(
         default=32_768, ge=1024, description="Size of the pieces a streamed response is sent in."
     )
+    http_body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Time to receive a whole request body (HTTP 408 after)."
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time for a request's headers to arrive, from the connection or the end of "
+        "the previous response; the connection is closed after it.",
+    )
+    http_keep_alive_s: float = Field(
+        default=5.0, gt=0, description="How long an idle keep-alive connection stays open."
+    )
+    http_max_connections: int = Field(
+        default=64,
+        ge=1,
+        description="Open connections at once; a request on a connection beyond it gets HTTP 503.",
+    )
+
+    @field_validator("higgs_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_no_key(cls, value: object) -> object:
+        """An empty HIGGS_API_KEY (an unset RunPod secret) means no key, not the key ""."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("openai_voice_map", mode="before")
     @classmethod
