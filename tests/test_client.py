@@ -35,8 +35,17 @@ WAV = make_wav(seconds=0.5)
 class FakeRunPod:
     """RunPod's cloud job API on loopback; `script` is the status sequence of the one job."""
 
-    def __init__(self, script: list[dict[str, Any]], *, run_429: int = 0, status_429: int = 0):
+    def __init__(
+        self,
+        script: list[dict[str, Any]],
+        *,
+        run_429: int = 0,
+        status_429: int = 0,
+        key: str | None = API_KEY,
+    ):
+        """`key`: the Bearer key every call must carry (None: any call is let in)."""
         self.script = list(script)
+        self.key = key
         self.run_429 = run_429
         self.status_429 = status_429
         self.calls: list[tuple[str, str, dict[str, str], Any]] = []
@@ -65,7 +74,7 @@ class FakeRunPod:
         length = int(request.headers.get("Content-Length") or 0)
         body = json.loads(request.rfile.read(length)) if length else None
         self.calls.append((method, request.path, dict(request.headers), body))
-        if request.headers.get("Authorization") != f"Bearer {API_KEY}":
+        if self.key and request.headers.get("Authorization") != f"Bearer {self.key}":
             return self.reply(request, 401, {"error": "Unauthorized"})
         path = request.path
         if path == "/audio.wav":
@@ -125,7 +134,10 @@ def fake_factory() -> Iterator[Any]:
 
 
 def endpoint(fake: FakeRunPod, **options: Any) -> Endpoint:
-    return Endpoint(fake.url, API_KEY, poll_s=0.01, max_poll_s=0.05, **options)
+    """A client of the fake, sending it the key as it would send RunPod's API."""
+    return Endpoint(
+        fake.url, API_KEY, poll_s=0.01, max_poll_s=0.05, send_key_to_any_host=True, **options
+    )
 
 
 COMPLETED = {"status": "COMPLETED", "output": {"audio_base64": b64(WAV), "format": "wav"}}
@@ -205,7 +217,7 @@ def test_wait_is_bounded_and_cancels_the_job(fake_factory: Any) -> None:
 
 def test_wrong_api_key_is_a_clear_error(fake_factory: Any) -> None:
     fake = fake_factory([COMPLETED])
-    client = Endpoint(fake.url, "wrong-key", poll_s=0.01)
+    client = Endpoint(fake.url, "wrong-key", poll_s=0.01, send_key_to_any_host=True)
     with client, pytest.raises(ClientError) as error:
         client.run({"text": "hi"})
     assert "HTTP 401" in str(error.value)
@@ -246,7 +258,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 
 def test_cli_prints_the_workers_error_and_exits_non_zero(fake_factory: Any, tmp_path: Path) -> None:
-    fake = fake_factory([{"status": "FAILED", "error": "voice: unknown preset 'bob'"}])
+    fake = fake_factory([{"status": "FAILED", "error": "voice: unknown preset 'bob'"}], key=None)
     result = run_cli("hi", "-o", str(tmp_path / "x.wav"), "--url", fake.url)
     assert result.returncode == 1
     assert "job job-1 FAILED: voice: unknown preset 'bob'" in result.stderr
@@ -255,7 +267,7 @@ def test_cli_prints_the_workers_error_and_exits_non_zero(fake_factory: Any, tmp_
 
 
 def test_cli_ctrl_c_cancels_the_job(fake_factory: Any, tmp_path: Path) -> None:
-    fake = fake_factory([{"status": "IN_PROGRESS"}])
+    fake = fake_factory([{"status": "IN_PROGRESS"}], key=None)
     process = subprocess.Popen(
         [sys.executable, "-m", "higgs_runpod.cli", "speak", "hi", "-o", str(tmp_path / "x.wav"),
          "--url", fake.url],
@@ -273,6 +285,29 @@ def test_cli_ctrl_c_cancels_the_job(fake_factory: Any, tmp_path: Path) -> None:
     assert "interrupted: job job-1 was cancelled" in stderr
     assert "/cancel/job-1" in fake.paths("POST")
     assert API_KEY not in stdout + stderr
+
+
+def test_cli_sends_the_runpod_key_only_to_runpods_api(fake_factory: Any, tmp_path: Path) -> None:
+    """`--url` may be anyone's server, and plain http: RUNPOD_API_KEY stays home."""
+    fake = fake_factory([COMPLETED], key=None)
+    result = run_cli("hi", "-o", str(tmp_path / "x.wav"), "--url", fake.url)
+    assert result.returncode == 0, result.stderr
+    assert "RUNPOD_API_KEY is not sent to this URL" in result.stderr
+    assert fake.calls and all("Authorization" not in headers for _, _, headers, _ in fake.calls)
+    assert all(API_KEY not in json.dumps([h, b]) for _, _, h, b in fake.calls)
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [("https://api.runpod.ai/v2/abc", True), ("https://abc123.api.runpod.ai", True),
+     ("https://api.runpod.io/v2", True), ("http://api.runpod.ai/v2/abc", False),
+     ("https://api.runpod.ai.evil.example/v2", False), ("https://evilapi.runpod.ai", False),
+     ("https://example.com/api.runpod.ai", False), ("http://127.0.0.1:8000", False)],
+)  # fmt: skip
+def test_the_key_goes_only_to_runpods_api_hosts(url: str, sent: bool) -> None:
+    with Endpoint(url, API_KEY) as client:
+        assert client.sends_key is sent
+        assert ("authorization" in client._http.headers) is sent
 
 
 def test_cli_needs_an_api_key_for_an_endpoint_id(tmp_path: Path) -> None:

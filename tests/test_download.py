@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from higgs_runpod.download import (
     Manifest,
     RemoteFile,
@@ -15,7 +16,7 @@ from higgs_runpod.download import (
     file_problems,
     git_sha1_of,
 )
-from higgs_runpod.errors import CheckpointDownloadError
+from higgs_runpod.errors import CheckpointDownloadError, mask_url_secrets
 from hub_server import HubServer
 
 
@@ -52,3 +53,25 @@ def test_manifest_lists_sizes_and_hashes_from_the_hub(tiny_hub: HubServer) -> No
 def test_an_unknown_repo_is_a_clear_error(tiny_hub: HubServer) -> None:
     with pytest.raises(CheckpointDownloadError, match="org/missing was not found on http"):
         fetch_manifest("org/missing", "main", token=None, endpoint=tiny_hub.url)
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_hub_errors_mask_credentials_in_hf_endpoint(tiny_hub: HubServer, closed: bool) -> None:
+    """HF_ENDPOINT may carry a mirror's user:password or a token; errors (and so the start-up
+    log and `higgs-runpod download`) name the hub without them."""
+    port = free_port() if closed else tiny_hub.url.rsplit(":", 1)[1]
+    endpoint = f"http://hfuser:s3cretpw@127.0.0.1:{port}"
+    if closed:
+        endpoint += "/mirror?token=qtok123"
+    with pytest.raises(CheckpointDownloadError) as error:
+        fetch_manifest("org/missing", "main", token=None, endpoint=endpoint)
+    message = str(error.value)
+    assert "s3cretpw" not in message and "hfuser" not in message and "qtok123" not in message
+    assert f"http://***@127.0.0.1:{port}" in message
+
+
+def test_mask_url_secrets() -> None:
+    text = "from https://u:p@h.example/x?token=abc&sig=d%2F: refused; see http://h2/?k=v"
+    assert mask_url_secrets(text) == (
+        "from https://***@h.example/x?token=***&sig=***: refused; see http://h2/?k=***"
+    )

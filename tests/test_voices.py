@@ -152,3 +152,16 @@ def test_urls_refused_before_any_request(
 ) -> None:
     with pytest.raises(RequestError, match=message):
         resolver(voices_dir, **env).resolve(CloneFromUrl(audio_url=url, transcript="t"), "voice")
+
+
+def test_unknown_voice_lists_at_most_20_names(settings: Settings, tmp_path: Path) -> None:
+    for index in range(45):
+        (tmp_path / f"v{index:02d}.wav").write_bytes(CLIP)
+        (tmp_path / f"v{index:02d}.txt").write_text("Hi.")
+    big = settings.model_copy(update={"voices_path": tmp_path})
+    with pytest.raises(RequestError) as error:
+        VoiceResolver(big).resolve("bob", "voice")
+    message = str(error.value)
+    assert message.endswith("and 25 more)")
+    assert message.count(", ") == 19
+    assert "v44" not in message

@@ -151,7 +151,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_speak(args: argparse.Namespace) -> int:
     """Call a deployed endpoint (or a local `serve`) and write the audio to a file."""
-    from .client import ClientError, Endpoint, JobFailed, JobUpdate, save_audio
+    from .client import ClientError, Endpoint, JobFailed, JobUpdate, key_goes_to, save_audio
 
     job_input = synth_input(args)
     if args.delivery:
@@ -163,6 +163,11 @@ def cmd_speak(args: argparse.Namespace) -> int:
         print("error: set RUNPOD_API_KEY to call a RunPod endpoint", file=sys.stderr)  # noqa: T201
         return 2
     if args.url:
+        if api_key and not key_goes_to(args.url):
+            print(  # noqa: T201
+                "note: RUNPOD_API_KEY is not sent to this URL (only to https://api.runpod.ai)",
+                file=sys.stderr,
+            )
         endpoint = Endpoint(args.url, api_key, max_wait_s=args.max_wait)
     else:
         endpoint = Endpoint.from_id(args.endpoint, api_key, max_wait_s=args.max_wait)

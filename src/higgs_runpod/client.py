@@ -9,8 +9,9 @@ where POST `/status/{id}` runs the job and answers when it is done). The first s
 tells them apart: the local server answers GET with 405, so the client switches to POST.
 
 Ctrl-C while waiting cancels the job, so an abandoned request does not keep a GPU busy;
-so does running out of the wait budget. The API key goes in the Authorization header and
-nowhere else; presigned URLs are downloaded, never printed.
+so does running out of the wait budget. The RunPod API key goes in the Authorization header
+of https calls to RunPod's API hosts and nowhere else (`key_goes_to`): a local `serve` needs
+none, and any other URL could be anyone's. Presigned URLs are downloaded, never printed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import httpx
 from .errors import HiggsRunpodError
 
 CLOUD_API = "https://api.runpod.ai/v2"
+# Where a RunPod API key may go: the job API, and load-balancing endpoints (ID.api.runpod.ai).
+RUNPOD_API_HOSTS = ("api.runpod.ai", "api.runpod.io")
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _QUEUE_CHECK_S = 10.0
@@ -70,13 +73,17 @@ class Endpoint:
         poll_s: float = 0.5,
         max_poll_s: float = 5.0,
         request_timeout_s: float = 30.0,
+        send_key_to_any_host: bool = False,
     ) -> None:
+        """`send_key_to_any_host` sends `api_key` to `url` even when it is not RunPod's API
+        (your own gateway in front of it); by default only `key_goes_to` hosts get it."""
         self.url = url.rstrip("/")
         self.max_wait_s = max_wait_s
         self.poll_s = poll_s
         self.max_poll_s = max_poll_s
         self.request_timeout_s = request_timeout_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.sends_key = bool(api_key) and (send_key_to_any_host or key_goes_to(self.url))
+        headers = {"Authorization": f"Bearer {api_key}"} if self.sends_key else {}
         self._http = httpx.Client(headers=headers, timeout=request_timeout_s)
         self._status_method = "GET"  # becomes POST against RunPod's local API server
 
@@ -218,6 +225,18 @@ class Endpoint:
                 raise ClientError(problem)
             time.sleep(pause)
             delay = min(delay * 2, self.max_poll_s)
+
+
+def key_goes_to(url: str) -> bool:
+    """Whether a RunPod API key may be sent to `url`: https to one of RunPod's API hosts."""
+    try:
+        parts = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    host = parts.host.lower()
+    return parts.scheme == "https" and any(
+        host == api or host.endswith("." + api) for api in RUNPOD_API_HOSTS
+    )
 
 
 def save_audio(output: dict[str, Any], path: str | Path, *, timeout_s: float = 300.0) -> int:

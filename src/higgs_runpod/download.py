@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointDownloadError, InsufficientSpaceError
+from .errors import CheckpointDownloadError, InsufficientSpaceError, mask_url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,15 @@ class Progress:
 
 
 def hub_error(error: Exception, repo: str, revision: str, endpoint: str | None) -> Exception:
-    """A message that says what went wrong and what to do, from a huggingface_hub exception."""
+    """A message that says what went wrong and what to do, from a huggingface_hub exception;
+    credentials in HF_ENDPOINT (or in any URL the hub's message names) are masked."""
+    explained = _explain_hub_error(error, repo, revision, endpoint)
+    return type(explained)(mask_url_secrets(str(explained)))
+
+
+def _explain_hub_error(
+    error: Exception, repo: str, revision: str, endpoint: str | None
+) -> Exception:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,

@@ -7,6 +7,18 @@ detail goes to the log only (no traceback, no secret, no signed URL in a job's o
 
 from __future__ import annotations
 
+import re
+
+# A URL's user:password@, and the values in its query string (tokens, signatures).
+_USERINFO = re.compile(r"(?<=://)[^/\s@?#]+@")
+_QUERY_VALUE = re.compile(r"(?<=[?&])([^=&\s#]+)=[^&\s#'\":,;)]*")
+
+
+def mask_url_secrets(text: str) -> str:
+    """`text` with every URL's credentials masked (`https://***@host/?token=***`), for
+    messages and logs that name a configured URL such as HF_ENDPOINT."""
+    return _QUERY_VALUE.sub(r"\1=***", _USERINFO.sub("***@", text))
+
 
 class HiggsRunpodError(Exception):
     """Base class: every error this package raises on purpose."""

@@ -28,6 +28,7 @@ from .settings import Settings
 SAMPLE_RATE = 24_000
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
 MIN_CLIP_SECONDS = 0.5
+LISTED_VOICES = 20  # names an unknown-voice error lists
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,10 @@ class VoiceResolver:
             if entry.name == name:
                 transcript = entry.transcript_path.read_text(encoding="utf-8").strip()
                 return self._clip(entry.audio_path.read_bytes(), transcript, field)
-        known = ", ".join(v.name for v in list_library(self.settings.voices_path)) or "none"
+        names = [v.name for v in list_library(self.settings.voices_path)]
+        known = ", ".join(names[:LISTED_VOICES]) or "none"
+        if len(names) > LISTED_VOICES:  # a big library would make every typo a long read
+            known += f" and {len(names) - LISTED_VOICES} more"
         raise RequestError(field, f"unknown voice {name!r} (library voices: {known})")
 
     def _base64(self, text: str, field: str) -> bytes:
