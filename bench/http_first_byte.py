@@ -26,10 +26,6 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
-from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
-
-from higgs_runpod.tiny import sharpen_audio_head
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 CPU_SIZE = {
@@ -43,6 +39,11 @@ CPU_SIZE = {
 
 
 def make_checkpoint(directory: Path, size: str) -> tuple[Path, Path]:
+    import torch  # here, so that bench/abuse.py can take Server without the seconds it costs
+    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+    from higgs_runpod.tiny import sharpen_audio_head
+
     cli = Path(sys.executable).with_name("higgs-runpod")
     subprocess.run([cli, "make-tiny-model", directory], check=True, capture_output=True)
     model_dir, tokenizer_dir = directory / "model", directory / "tokenizer"
@@ -137,6 +138,8 @@ def main() -> None:
         finally:
             http.stop()
             queue.stop()
+
+    import torch
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"model: {args.model}, requests: {args.requests}, decode steps: {args.steps}, WAV")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from pydantic import SecretStr
 
 from conftest import free_port, make_wav
 from higgs_runpod.handler import Worker
@@ -24,10 +25,24 @@ from higgs_runpod.settings import Settings
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+KEY = "page-key-2718"
 
 
 @pytest.fixture(scope="module")
 def page_url(settings: Settings, worker: Worker) -> Iterator[str]:
+    yield from serve_page(settings, worker)
+
+
+@pytest.fixture(scope="module")
+def keyed_page_url(settings: Settings, worker: Worker) -> Iterator[str]:
+    """A server behind RunPod's gateway (no Bearer form): the page must send X-API-Key."""
+    keyed = settings.model_copy(
+        update={"higgs_api_key": SecretStr(KEY), "runpod_endpoint_id": "ep-test"}
+    )
+    yield from serve_page(keyed, worker)
+
+
+def serve_page(settings: Settings, worker: Worker) -> Iterator[str]:
     port = free_port()
     config = uvicorn.Config(
         create_app(settings, worker), host="127.0.0.1", port=port, log_level="warning"
@@ -99,5 +114,25 @@ def test_uploaded_clip_and_errors(page_url: str, tmp_path: Path) -> None:
             page.get_by_role("button", name="Generate").click()
             expect(status).to_contain_text("Done", timeout=60_000)
             assert page.locator("#player").get_attribute("src").startswith("blob:")
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (.ci/run)")
+def test_the_key_goes_in_x_api_key(keyed_page_url: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(keyed_page_url)
+            page.get_by_label("Text").fill("Keyed.")
+            page.get_by_role("button", name="Generate").click()
+            status = page.get_by_role("status")
+            expect(status).to_contain_text("X-API-Key", timeout=30_000)  # no key yet: 401
+            page.get_by_label("API key").fill(KEY)
+            page.get_by_role("button", name="Generate").click()
+            expect(status).to_contain_text("Done", timeout=60_000)
         finally:
             browser.close()
