@@ -43,7 +43,7 @@ def test_voice_variants_are_recognised(small_limits: Settings) -> None:
         ({"text": "x" * 81}, "text", "the limit with chunking is 80"),
         ({"text": "a", "chunking": {"method": "sentence"}}, "chunking.method", "'auto'"),
         ({"text": "a", "chunking": {"max_words": 5}}, "chunking.max_words", "greater than or equal to 10"),
-        ({"text": "a", "stream": True, "format": "mp3"}, "format", "streaming supports wav and pcm"),
+        ({"text": "a", "stream": True, "speed": 5.0}, "speed", "less than or equal to 4"),
         ({"text": "a", "colour": "red"}, "colour", "unknown field"),
         ({"text": 5}, "text", "valid string"),
         ({"text": "a", "seed": "7"}, "seed", "valid integer"),

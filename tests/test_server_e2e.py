@@ -192,8 +192,17 @@ def test_private_addresses_refused_by_default(
         server.stop()
 
 
-def test_stream_through_the_local_api_server(streaming_server: LocalServer) -> None:
-    job = {"text": "Streaming over HTTP.", "seed": 9, "max_new_tokens": 60, "format": "wav"}
+@pytest.mark.parametrize(
+    ("audio_format", "speed"),
+    [("wav", 1.0), ("flac", 1.0), ("mp3", 1.0), ("opus", 1.0), ("aac", 1.0), ("mp3", 1.5)],
+)
+def test_stream_through_the_local_api_server(
+    streaming_server: LocalServer, audio_format: str, speed: float
+) -> None:
+    """Each /stream piece continues the file: every prefix plays, and the joined pieces
+    decode to the non-streamed file's samples (same length, within one 16-bit step)."""
+    job = {"text": "Streaming over HTTP.", "seed": 9, "max_new_tokens": 45,
+           "format": audio_format, "speed": speed}  # fmt: skip
     job_id = httpx.post(
         f"{streaming_server.url}/run", json={"input": {**job, "stream": True}}
     ).json()["id"]
@@ -201,19 +210,25 @@ def test_stream_through_the_local_api_server(streaming_server: LocalServer) -> N
     assert streamed["status"] == "COMPLETED", streamed
     *pieces, summary = [item["output"] for item in streamed["stream"]]
     assert summary["done"] and summary["pieces"] == len(pieces) > 1
-    joined = b"".join(base64.b64decode(piece["audio_base64"]) for piece in pieces)
+    audio = [base64.b64decode(piece["audio_base64"]) for piece in pieces]
+    played = [probe(b"".join(audio[:end]))[2] for end in range(1, len(audio) + 1)]
+    assert played == sorted(played) and played[0] > 0
+    joined = b"".join(audio)
     rate, channels, seconds = probe(joined)
-    assert (rate, channels) == (24_000, 1)
-    assert seconds == pytest.approx(summary["usage"]["audio_frames"] * FRAME_S)
+    assert channels == 1 and rate == (48_000 if audio_format == "opus" else 24_000)
+    expected = summary["usage"]["audio_frames"] * FRAME_S / speed
+    assert seconds == pytest.approx(expected, abs=0.02 if audio_format == "wav" else 0.12)
+    assert sum(piece["frames"] for piece in pieces) == summary["usage"]["audio_frames"]
     # The same request without stream: the generator handler's one output, the whole file.
     whole = streaming_server.runsync(job)
     assert whole["status"] == "COMPLETED"
     [output] = whole["output"]
-    difference = pcm(base64.b64decode(output["audio_base64"])) - pcm(joined)
-    assert np.abs(difference).max() <= 1  # one step of 16-bit rounding at most
+    plain, joined_pcm = pcm(base64.b64decode(output["audio_base64"])), pcm(joined)
+    assert len(plain) == len(joined_pcm)
+    assert np.abs(plain - joined_pcm).max() <= 1  # one step of 16-bit rounding at most
 
 
 def test_stream_errors_come_as_the_output(streaming_server: LocalServer) -> None:
     """RunPod fails a job whose generator yields an error; the local simulator shows the item."""
-    result = streaming_server.runsync({"text": "a", "stream": True, "format": "mp3"})
-    assert result["output"] == [{"error": "format: streaming supports wav and pcm, not mp3"}]
+    result = streaming_server.runsync({"text": "a", "stream": True, "speed": 9.0})
+    assert result["output"] == [{"error": "speed: input should be less than or equal to 4"}]

@@ -2,7 +2,8 @@
 
 PyAV (FFmpeg) does all of it: one library for every container and codec, so what the
 worker accepts as a reference clip and what it returns are decoded and encoded the same
-way. Samples are float32 mono in [-1, 1] everywhere inside the worker.
+way. Encoding, streamed or not, is progressive.py's (re-exported here). Samples are
+float32 mono in [-1, 1] everywhere inside the worker.
 """
 
 from __future__ import annotations
@@ -15,16 +16,11 @@ import numpy as np
 import torch
 import torchaudio.functional
 
-# format -> (container, codec, content type)
-_FORMATS: dict[str, tuple[str, str, str]] = {
-    "wav": ("wav", "pcm_s16le", "audio/wav"),
-    "flac": ("flac", "flac", "audio/flac"),
-    "mp3": ("mp3", "libmp3lame", "audio/mpeg"),
-    "opus": ("ogg", "libopus", "audio/ogg"),
-    "aac": ("adts", "aac", "audio/aac"),
-}
-CONTENT_TYPES = {name: spec[2] for name, spec in _FORMATS.items()} | {"pcm": "audio/L16"}
-_BITRATES = {"mp3": 128_000, "opus": 64_000, "aac": 128_000}
+from .progressive import CONTENT_TYPES, encode, to_pcm16
+
+__all__ = [
+    "CONTENT_TYPES", "AudioDecodeError", "DecodedAudio", "decode", "encode", "resample", "to_pcm16",
+]  # fmt: skip
 
 
 class AudioDecodeError(ValueError):
@@ -75,27 +71,3 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
         return samples
     tensor = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     return torchaudio.functional.resample(tensor, from_rate, to_rate).numpy()
-
-
-def to_pcm16(samples: np.ndarray) -> np.ndarray:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2")
-
-
-def encode(samples: np.ndarray, sample_rate: int, audio_format: str) -> bytes:
-    """Encode float32 mono samples as `audio_format` (see CONTENT_TYPES)."""
-    pcm = to_pcm16(samples)
-    if audio_format == "pcm":
-        return pcm.tobytes()
-    container_format, codec, _ = _FORMATS[audio_format]
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=sample_rate, layout="mono")
-        if audio_format in _BITRATES:
-            stream.bit_rate = _BITRATES[audio_format]
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = sample_rate
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buffer.getvalue()

@@ -2,7 +2,7 @@
 
     input --schema.parse_request--> SpeechRequest --voices--> clips / descriptions
           --chunking--> chunks --longform + engine (off the event loop)--> codes
-          --decode--> samples --audio.encode--> Speech
+          --decode--> samples --progressive (speed, rate, format)--> Speech
           --storage (inline base64 or S3 upload)--> response (or streamed pieces)
 
 `handler` returns one JSON object per job. `stream_handler` (ENABLE_STREAMING) is an
@@ -30,16 +30,17 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import audio, tempo
+from . import audio
 from .chunking import split_text
 from .engine import Engine, SamplingParams
 from .errors import HiggsRunpodError, RequestError
 from .longform import LongSynthesis, MakeConversation, synthesize_chunks
+from .progressive import ProgressiveEncoder
 from .prompts import build_conversation
 from .schema import SpeechRequest, parse_request
 from .settings import Settings, load_settings
 from .storage import Storage
-from .streaming import PieceDecoder, PieceEncoder
+from .streaming import PieceDecoder, decode_as_streamed
 from .voices import ReferenceClip, VoiceResolver, list_library
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class Worker:
         counter = _FrameCounter(progress, len(plan.chunks))
         synthesis = await self._generate(plan, counter.frames, counter.chunk, cancel)
         decode_start = time.perf_counter()
-        samples = await self.on_engine_thread(self.engine.decode_codes, synthesis.codes)
+        samples = await self.on_engine_thread(self._decode, synthesis.codes)
         decode_ms = _ms_since(decode_start)
         encode_start = time.perf_counter()
         encoded, duration_s = await asyncio.to_thread(
@@ -187,6 +188,18 @@ class Worker:
             },
         )
 
+    def _decode(self, codes: torch.Tensor) -> Any:
+        """Samples of a whole clip, decoded in the pieces its stream would have had, so that
+        a stream of the same request joins into the same file (see streaming.py)."""
+        return decode_as_streamed(
+            self.engine.decode_codes, self.engine.decoder_context_frames, self._hop, codes,
+            self.settings.stream_first_frames, self.settings.stream_piece_frames,
+        )  # fmt: skip
+
+    @property
+    def _hop(self) -> int:
+        return int(self.engine.sample_rate / self.engine.frame_rate)
+
     async def stream(
         self,
         request: SpeechRequest,
@@ -208,42 +221,38 @@ class Worker:
 
         generation = asyncio.ensure_future(self._generate(plan, on_frames, counter.chunk, cancel))
         generation.add_done_callback(lambda _: arrived.put_nowait(None))
-        hop = int(self.engine.sample_rate / self.engine.frame_rate)
+        hop = self._hop
         decoder = PieceDecoder(self.engine.decode_codes, self.engine.decoder_context_frames, hop)
-        encoder = PieceEncoder(request.format, self.engine.sample_rate, request.sample_rate)
-        index, first_audio_ms = 0, None
+        encoder = ProgressiveEncoder(
+            request.format, self.engine.sample_rate, request.sample_rate, request.speed
+        )
+        pieces = _Pieces(request, hop)
+        first, later = self.settings.stream_first_frames, self.settings.stream_piece_frames
         try:
             while (frames := await arrived.get()) is not None:
                 decoder.push(frames)
-                size = (
-                    self.settings.stream_first_frames
-                    if index == 0
-                    else self.settings.stream_piece_frames
-                )
-                while decoder.ready() >= size:
+                while decoder.ready() >= (size := decoder.next_size(first, later)):
                     samples = await asyncio.to_thread(decoder.take, size)
-                    yield _piece(index, encoder.encode(samples), request, len(samples) // hop)
-                    first_audio_ms = first_audio_ms or _ms_since(started)
-                    index, size = index + 1, self.settings.stream_piece_frames
+                    data = await asyncio.to_thread(encoder.feed, samples)
+                    if (item := pieces.add(data, len(samples), started)) is not None:
+                        yield item
             synthesis = await generation
-            while decoder.pending:
-                samples = await asyncio.to_thread(
-                    decoder.take, self.settings.stream_piece_frames, True
-                )
-                final = not decoder.pending
-                yield _piece(
-                    index, encoder.encode(samples, final=final), request, len(samples) // hop
-                )
-                first_audio_ms = first_audio_ms or _ms_since(started)
-                index += 1
+            while decoder.pending or not encoder.finished:
+                size = decoder.next_size(first, later)
+                samples = await asyncio.to_thread(decoder.take, size, True)
+                data = await asyncio.to_thread(encoder.feed, samples)
+                if not decoder.pending:
+                    data += await asyncio.to_thread(encoder.finish)
+                if (item := pieces.add(data, len(samples), started)) is not None:
+                    yield item
         finally:
             if not generation.done():
                 generation.cancel()
         timings = {"load": load_ms, "prepare": resolve_ms + synthesis.prepare_ms,
-                   "generate": synthesis.generate_ms, "first_audio": first_audio_ms or 0.0,
+                   "generate": synthesis.generate_ms, "first_audio": pieces.first_audio_ms or 0.0,
                    "total": _ms_since(started)}  # fmt: skip
         duration_s = encoder.samples_out / request.sample_rate
-        yield {"done": True, "pieces": index,
+        yield {"done": True, "pieces": pieces.index,
                **_summary(synthesis, request.format, request.sample_rate, duration_s, timings,
                           self.engine.frame_rate)}  # fmt: skip
 
@@ -375,9 +384,30 @@ def _summary(
     }
 
 
-def _piece(index: int, data: bytes, request: SpeechRequest, frames: int) -> dict[str, Any]:
-    return {"index": index, "audio_base64": _b64(data), "format": request.format,
-            "sample_rate": request.sample_rate, "frames": frames}  # fmt: skip
+class _Pieces:
+    """Numbers the streamed pieces and notes when the first audio left.
+
+    A piece whose bytes are all held back (a codec's frame, atempo's window) is not sent;
+    its frames are counted in the next piece, so the frames of the pieces add up.
+    """
+
+    def __init__(self, request: SpeechRequest, hop: int) -> None:
+        self.request = request
+        self.hop = hop
+        self.index = 0
+        self.frames = 0
+        self.first_audio_ms: float | None = None
+
+    def add(self, data: bytes, samples: int, started: float) -> dict[str, Any] | None:
+        self.frames += samples // self.hop
+        if not data:
+            return None
+        if self.first_audio_ms is None:
+            self.first_audio_ms = _ms_since(started)
+        piece = {"index": self.index, "audio_base64": _b64(data), "format": self.request.format,
+                 "sample_rate": self.request.sample_rate, "frames": self.frames}  # fmt: skip
+        self.index, self.frames = self.index + 1, 0
+        return piece
 
 
 def _message(error: Exception, job: dict[str, Any]) -> str:
@@ -402,11 +432,16 @@ def _ms_since(start: float) -> float:
 
 
 def _encode(samples: Any, source_rate: int, request: SpeechRequest) -> tuple[bytes, float]:
-    """Speed, sample rate and format as requested; returns the bytes and their duration."""
-    samples = tempo.time_stretch(samples, source_rate, request.speed)
-    samples = audio.resample(samples, source_rate, request.sample_rate)
-    encoded = audio.encode(samples, request.sample_rate, request.format)
-    return encoded, len(samples) / request.sample_rate
+    """Speed, sample rate and format as requested; returns the bytes and their duration.
+
+    The same encoder as a stream's, fed at once: a stream of this request joins into
+    these bytes (see progressive.py).
+    """
+    encoder = ProgressiveEncoder(
+        request.format, source_rate, request.sample_rate, request.speed, whole=True
+    )
+    encoded = encoder.feed(samples) + encoder.finish()
+    return encoded, encoder.samples_out / request.sample_rate
 
 
 _worker: Worker | None = None

@@ -2,7 +2,7 @@
 
 The HTTP layer only translates; the audio comes from the same `Worker.speak` as a queue job:
 
-    POST /v1/audio/speech --openai_schema--> SpeechRequest --Worker.speak--> Speech
+    POST /v1/audio/speech --openai_schema--> SpeechRequest --Worker.stream--> pieces
          --AudioStream--> chunked audio bytes, or SSE speech.audio.delta / speech.audio.done
 
 Keys, content types and bodies are checked first (`http_guard`, which also bounds sockets).
@@ -35,7 +35,7 @@ from .health import mark_ready
 from .http_guard import ApiError, ClientGone, CloseUnread, authorize, read_json, require_json
 from .http_metrics import CONTENT_TYPE, CountRequests, Metrics
 from .openai_schema import MODEL_ALIASES, MODEL_ID, OPENAI_VOICES, map_voice, parse_openai_speech
-from .schema import STREAM_FORMATS, SpeechRequest
+from .schema import SpeechRequest
 from .settings import Settings
 from .voices import list_library
 
@@ -102,10 +102,9 @@ class Service:
 class AudioStream:
     """One request's encoded audio, handed out in pieces as the engine delivers it.
 
-    `wav` and `pcm` at speed 1.0 stream from the engine (`Worker.stream`): pieces leave
-    as frames complete, so the first byte comes after a few frames. Other formats (and
-    time-stretched audio) need the whole clip, so the finished file is cut into
-    HTTP_STREAM_CHUNK_BYTES slices.
+    Every format and speed streams from the engine (`Worker.stream`, progressive.py):
+    pieces leave as frames complete, so the first byte comes after STREAM_FIRST_FRAMES
+    frames, and the joined pieces are the file a queue job returns for the same request.
 
     The seed is fixed up front so that it can go out in a header before any audio.
     `on_close` runs once the stream ends, fails or is dropped (a started async generator
@@ -113,25 +112,24 @@ class AudioStream:
     """
 
     def __init__(
-        self,
-        worker: Worker,
-        request: SpeechRequest,
-        chunk_bytes: int,
-        on_close: Callable[[], None],
+        self, worker: Worker, request: SpeechRequest, on_close: Callable[[], None]
     ) -> None:
         self.worker = worker
         self.seed = request.seed if request.seed is not None else random.randrange(2**32)
-        self.request = request.model_copy(update={"seed": self.seed})
-        self.chunk_bytes = chunk_bytes
+        self.request = request.model_copy(update={"seed": self.seed, "stream": True})
         self.on_close = on_close
         self.cancel = threading.Event()
         self.usage: dict[str, int] | None = None  # known once the audio is complete
         self.duration_s = 0.0
+        self.first_audio_s: float | None = None
+        self._started = time.perf_counter()
         self._pieces = self._generate()
 
     async def first(self) -> bytes:
         """The first piece (b"" for empty audio); errors surface here, before any byte."""
-        return await anext(self._pieces, b"")
+        piece = await anext(self._pieces, b"")
+        self.first_audio_s = time.perf_counter() - self._started
+        return piece
 
     async def rest(self) -> AsyncIterator[bytes]:
         try:
@@ -143,23 +141,11 @@ class AudioStream:
 
     async def _generate(self) -> AsyncIterator[bytes]:
         try:
-            if self.request.format in STREAM_FORMATS and self.request.speed == 1.0:
-                streamed = self.request.model_copy(update={"stream": True})
-                async for item in self.worker.stream(streamed, cancel=self.cancel):
-                    if "audio_base64" in item:
-                        yield base64.b64decode(item["audio_base64"])
-                    else:
-                        self.usage, self.duration_s = item["usage"], item["duration_s"]
-                return
-            speech = await self.worker.speak(self.request, cancel=self.cancel)
-            synthesis = speech.synthesis
-            self.usage = {
-                "prompt_tokens": synthesis.prompt_tokens,
-                "generated_tokens": synthesis.generated_tokens,
-            }
-            self.duration_s = speech.duration_s
-            for start in range(0, len(speech.audio), self.chunk_bytes):
-                yield speech.audio[start : start + self.chunk_bytes]
+            async for item in self.worker.stream(self.request, cancel=self.cancel):
+                if "audio_base64" in item:
+                    yield base64.b64decode(item["audio_base64"])
+                else:
+                    self.usage, self.duration_s = item["usage"], item["duration_s"]
         finally:
             self.on_close()
 
@@ -229,9 +215,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         except BaseException:
             service.release()
             raise
-        stream = AudioStream(
-            service.worker, parsed.request, settings.http_stream_chunk_bytes, service.release
-        )
+        stream = AudioStream(service.worker, parsed.request, service.release)
         started = time.perf_counter()
         try:
             first = await _first_piece(stream, request, service.metrics)
@@ -240,7 +224,12 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         except Exception as error:  # ours: log it whole, tell the caller little
             log.exception("speech request failed with an internal error")
             raise ApiError(500, _INTERNAL, type="server_error") from error
-        headers = {"X-Seed": str(stream.seed)}
+        assert stream.first_audio_s is not None
+        service.metrics.first_audio_seconds.labels("http").observe(stream.first_audio_s)
+        headers = {
+            "X-Seed": str(stream.seed),
+            "X-Time-To-First-Audio-Ms": f"{stream.first_audio_s * 1000:.1f}",
+        }
         pieces = _chained(first, stream, service.metrics, started)
         if parsed.stream_format == "sse":
             events = _sse_events(pieces, stream)

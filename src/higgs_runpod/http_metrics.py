@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _GENERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
+_FIRST_AUDIO_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 
 
 class Metrics:
@@ -32,6 +33,14 @@ class Metrics:
             "higgs_generation_seconds",
             "Wall time of one speech request from admission to encoded audio.",
             buckets=_GENERATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_audio_seconds = Histogram(
+            "higgs_time_to_first_audio_seconds",
+            "From admission to the first audio bytes, by transport (http: the chunked or SSE "
+            "speech route; websocket: the first segment of a /v1/audio/speech/stream session).",
+            ["transport"],
+            buckets=_FIRST_AUDIO_BUCKETS,
             registry=self.registry,
         )
         self.in_flight = Gauge(

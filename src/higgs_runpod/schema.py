@@ -32,7 +32,6 @@ from .tempo import MAX_SPEED, MIN_SPEED
 AudioFormat = Literal["wav", "flac", "mp3", "opus", "aac", "pcm"]
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 OPUS_SAMPLE_RATES = (8000, 16000, 24000, 48000)
-STREAM_FORMATS = ("wav", "pcm")
 SPEAKER_TAG = re.compile(r"\[(SPEAKER\d+)\]")
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -175,12 +174,6 @@ class SpeechRequest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SpeechRequest:
-        if self.stream and self.speed != 1.0:
-            raise RequestError("speed", "streaming supports speed 1.0 only")
-        if self.stream and self.format not in STREAM_FORMATS:
-            raise RequestError(
-                "format", f"streaming supports {' and '.join(STREAM_FORMATS)}, not {self.format}"
-            )
         if self.format == "opus" and self.sample_rate not in OPUS_SAMPLE_RATES:
             rates = ", ".join(map(str, OPUS_SAMPLE_RATES))
             raise RequestError("sample_rate", f"opus supports {rates}, not {self.sample_rate}")

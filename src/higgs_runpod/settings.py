@@ -231,9 +231,6 @@ class Settings(BaseSettings):
     http_max_body_bytes: int = Field(
         default=20_000_000, ge=1024, description="Largest HTTP request body (HTTP 413 above)."
     )
-    http_stream_chunk_bytes: int = Field(
-        default=32_768, ge=1024, description="Size of the pieces a streamed response is sent in."
-    )
     http_body_timeout_s: float = Field(
         default=30.0, gt=0, description="Time to receive a whole request body (HTTP 408 after)."
     )

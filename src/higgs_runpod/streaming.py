@@ -5,19 +5,17 @@ frame is complete only when the last codebook has caught up. `DelayAligner` turn
 into complete frames. `PieceDecoder` turns frames into audio pieces whose concatenation is
 the one-shot decode of all frames: the audio tokenizer's decoder is convolutional, so the
 samples of a frame depend on a few frames on each side; each piece is decoded with that
-many frames of context on both sides and only its own samples are kept.
+many frames of context on both sides and only its own samples are kept. A non-streamed
+clip is decoded by the same pieces (`decode_as_streamed`), so the two give equal samples;
+the pieces then go to progressive.py's encoder, one per response.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
-import av
 import numpy as np
 import torch
-
-from .audio import to_pcm16
 
 
 class DelayAligner:
@@ -80,6 +78,15 @@ class PieceDecoder:
         """Frames that can be returned now: those with full right context."""
         return max(0, len(self.frames) - self.context - self.done)
 
+    def next_size(self, first: int, later: int) -> int:
+        """Frames in the next piece: `first` for the first piece, `later` after it.
+
+        The schedule depends on nothing but the frame count, and each piece's window
+        (its frames plus up to `context` on each side) too, so a clip decoded here in one
+        go after generation gives the very samples its stream gave (see `decode_as_streamed`).
+        """
+        return first if self.done == 0 else later
+
     def take(self, count: int | None = None, final: bool = False) -> np.ndarray:
         """Samples of the next `count` frames (all that are ready, or all when `final`)."""
         available = self.pending if final else self.ready()
@@ -93,6 +100,18 @@ class PieceDecoder:
         piece = audio[start : start + count * self.hop]
         self.done += count
         return piece
+
+
+def decode_as_streamed(
+    decode: Decode, context_frames: int, hop: int, codes: torch.Tensor, first: int, later: int
+) -> np.ndarray:
+    """All of a clip's samples, decoded piece by piece exactly as its stream would be."""
+    decoder = PieceDecoder(decode, context_frames, hop)
+    decoder.push(codes)
+    pieces = [np.zeros(0, dtype=np.float32)]
+    while decoder.pending:
+        pieces.append(decoder.take(decoder.next_size(first, later), final=True))
+    return np.concatenate(pieces)
 
 
 def receptive_field_frames(decode: Decode, codebooks: int, frames: int = 64) -> int:
@@ -113,62 +132,3 @@ def receptive_field_frames(decode: Decode, codebooks: int, frames: int = 64) -> 
         return 0
     reach = int(max(frames // 2 - touched[0], touched[-1] - frames // 2))
     return reach + 1
-
-
-class PieceEncoder:
-    """Float samples in, bytes of the streamed format out, one piece at a time.
-
-    `wav` opens with a WAV header whose lengths are left open (0xFFFFFFFF, as streaming
-    players expect), then raw 16-bit PCM; `pcm` is the raw PCM alone. Joined, the pieces
-    are one playable file. Resampling keeps its filter state across pieces (FFmpeg's
-    resampler), so pieces join without seams at any rate.
-    """
-
-    def __init__(self, audio_format: str, source_rate: int, sample_rate: int) -> None:
-        self.format = audio_format
-        self.sample_rate = sample_rate
-        self.header_sent = audio_format != "wav"
-        self.resampler = (
-            av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
-            if sample_rate != source_rate
-            else None
-        )
-        self.source_rate = source_rate
-        self.samples_out = 0
-
-    def encode(self, samples: np.ndarray, final: bool = False) -> bytes:
-        if self.resampler is None:
-            pcm = to_pcm16(samples).tobytes()
-        else:
-            pcm = b"".join(f.to_ndarray().tobytes() for f in self._resample(samples, final))
-        self.samples_out += len(pcm) // 2
-        if not self.header_sent:
-            self.header_sent = True
-            return wav_header(self.sample_rate) + pcm
-        return pcm
-
-    def _resample(self, samples: np.ndarray, final: bool) -> list[av.AudioFrame]:
-        assert self.resampler is not None
-        frames = []
-        if len(samples):
-            frame = av.AudioFrame.from_ndarray(
-                to_pcm16(samples).reshape(1, -1), format="s16", layout="mono"
-            )
-            frame.sample_rate = self.source_rate
-            frames += self.resampler.resample(frame)
-        if final:
-            frames += self.resampler.resample(None)
-        return frames
-
-
-def wav_header(sample_rate: int) -> bytes:
-    """A 16-bit mono WAV header with open lengths, for audio of unknown duration."""
-    open_length = 0xFFFFFFFF
-    return (
-        b"RIFF"
-        + struct.pack("<I", open_length)
-        + b"WAVEfmt "
-        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
-        + b"data"
-        + struct.pack("<I", open_length)
-    )
