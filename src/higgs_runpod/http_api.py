@@ -301,11 +301,19 @@ async def _disconnected(request: Request) -> None:
 async def _chained(
     first: bytes, stream: AudioStream, metrics: Metrics, started: float
 ) -> AsyncIterator[bytes]:
-    """All the audio; the metrics count it once the last piece has gone."""
-    if first:
-        yield first
-    async for piece in stream.rest():
-        yield piece
+    """All the audio; the metrics count it once the last piece has gone, or count a
+    cancellation when the client left mid-stream (the stream's `rest` stops the engine)."""
+    complete = False
+    try:
+        if first:
+            yield first
+        async for piece in stream.rest():
+            yield piece
+        complete = True
+    finally:
+        if not complete:
+            metrics.cancelled.inc()
+            log.info("client disconnected mid-stream; generation stopped")
     metrics.generation_seconds.observe(time.perf_counter() - started)
     metrics.audio_seconds.inc(stream.duration_s)
 
