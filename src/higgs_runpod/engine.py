@@ -1,11 +1,15 @@
-"""The model behind a small interface: load once, then conversation in, waveform out.
+"""The model behind a small interface: load once, then conversation in, codes and waveform out.
 
 Built on transformers' native Higgs Audio v2 classes. The processor is assembled from its
 parts (text tokenizer and chat template from MODEL_PATH, the audio tokenizer from
 TOKENIZER_PATH) so that nothing is looked up on the hub at run time.
 
-    conversation --chat template--> text + reference codes --generate--> delayed steps
-                 --DelayAligner--> codes (frames x codebooks) --audio tokenizer--> samples
+    conversation --chat template--> text + reference codes --prefill (model forward)-->
+    KV-cache slot --decode steps, batched with every other request (scheduler, slots)-->
+    delayed steps --DelayAligner--> codes (frames x codebooks) --audio tokenizer--> samples
+
+All model work runs on one thread, the decode loop's (scheduler.DecodeLoop): callers on
+other threads block on their own request while it decodes among the others.
 
 Audio in a conversation is either a waveform (`{"type": "audio", "audio": samples}`,
 encoded here) or codes already (`{"type": "audio", "codes": tensor}`), which is how long
@@ -15,12 +19,13 @@ texts carry earlier chunks as context without re-encoding them.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,22 +33,20 @@ from transformers import (
     AutoTokenizer,
     BatchFeature,
     DacFeatureExtractor,
-    GenerationConfig,
+    DynamicCache,
     HiggsAudioV2ForConditionalGeneration,
     HiggsAudioV2Processor,
     HiggsAudioV2TokenizerModel,
-    StoppingCriteria,
-    StoppingCriteriaList,
 )
 
-from .errors import ModelNotFoundError, OutOfMemoryError
+from .errors import ModelNotFoundError, RequestError
 from .model_store import ensure_checkpoints
+from .sampler import AudioVocab, RowSettings, sample
+from .scheduler import DecodeLoop, Request
 from .settings import Settings
+from .slots import DecodeState, GraphedSteps, SlotCache, decode_step
 from .streaming import DelayAligner, receptive_field_frames
 from .voice_cache import VoiceCache, tokenizer_identity
-
-if TYPE_CHECKING:
-    from .batcher import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +96,21 @@ def _ms_since(start: float) -> float:
 
 
 class Engine:
-    """One model per worker process; `synthesize` calls are serialised by a lock."""
+    """One model per worker process; any number of threads may call `synthesize` at once."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device, self.dtype = resolve_device(settings.device, settings.dtype)
-        self._load_lock = threading.Lock()
-        self._generate_lock = threading.Lock()
         self.model: HiggsAudioV2ForConditionalGeneration | None = None
         self.processor: HiggsAudioV2Processor | None = None
         self.decoder_context_frames = 0  # frames each side that one frame's audio depends on
         self.voice_cache: VoiceCache | None = None
-        self._batcher: Batcher | None = None
+        self.slots = 0
+        self.context = 0
+        self.cuda_graphs = False
+        self._loop = DecodeLoop()
+        self._load_lock = threading.Lock()
+        self._step: Callable[[int, int], None] | None = None
 
     @property
     def is_loaded(self) -> bool:
@@ -130,7 +136,7 @@ class Engine:
         start = time.perf_counter()
         with self._load_lock:
             if self.model is None:
-                self._load()
+                self._loop.call(self._load)
         return time.perf_counter() - start
 
     def _load(self) -> None:
@@ -138,12 +144,15 @@ class Engine:
         for ready in readies:  # the start-up already reported these at INFO
             log.debug("%s", ready.describe())
         log.info("loading %s on %s (%s)", paths.model_path, self.device, self.dtype)
+        if self.device.type == "cuda":  # TF32 for the audio tokenizer's float32 convolutions
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = True
         audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(
             paths.tokenizer_path, device_map=self.device
         ).eval()
         text_tokenizer = AutoTokenizer.from_pretrained(paths.model_path)
         model = HiggsAudioV2ForConditionalGeneration.from_pretrained(
-            paths.model_path, dtype=self.dtype, device_map=self.device
+            paths.model_path, dtype=self.dtype, device_map=self.device, attn_implementation="sdpa"
         ).eval()
         template_file = paths.model_path / "chat_template.jinja"
         chat_template = (
@@ -167,17 +176,62 @@ class Engine:
             self.settings.voice_cache_items,
             self.settings.voice_cache_path,
         )
+        self._allocate(model)
         self.model = model
-        if self.settings.max_batch_size > 1:
-            from .batcher import Batcher
-
-            self._batcher = Batcher(
-                self._run_batch, self.settings.batch_window_ms, self.settings.max_batch_size
-            )
         self.decoder_context_frames = receptive_field_frames(
             self.decode_codes, model.config.num_codebooks
         )
         log.info("model loaded: %s parameters", f"{model.num_parameters():,}")
+        self._loop.attach(self)
+
+    def _allocate(self, model: HiggsAudioV2ForConditionalGeneration) -> None:
+        """The KV-cache slots and decode state, sized by the settings and the memory budget."""
+        config = model.config
+        self.vocab = AudioVocab(
+            num_codebooks=config.num_codebooks,
+            codebook_size=config.codebook_size,
+            stream_bos=config.audio_stream_bos_id,
+            stream_eos=config.audio_stream_eos_id,
+            audio_bos_token=config.audio_bos_token_id,
+            audio_delay_token=config.audio_delay_token_id,
+        )
+        self.context = min(self.settings.max_context_tokens, config.max_position_embeddings)
+        per_token = SlotCache.bytes_per_token(config, self.dtype)
+        budget = self.settings.kv_cache_tokens or self._free_memory_tokens(per_token)
+        self.slots = min(self.settings.max_batch_size, budget // self.context)
+        if self.slots < 1:
+            raise ModelNotFoundError(
+                f"the KV-cache budget ({budget} tokens) cannot hold one {self.context}-token "
+                "context: lower MAX_CONTEXT_TOKENS, or raise KV_CACHE_MEMORY_FRACTION or "
+                "KV_CACHE_TOKENS"
+            )
+        log.info("KV cache: budget %d tokens; %d slots x %d tokens = %d tokens (%.2f GiB)",
+                 budget, self.slots, self.context, self.slots * self.context,
+                 self.slots * self.context * per_token / 2**30)  # fmt: skip
+        self._cache = SlotCache(config, self.slots, self.context, self.dtype, self.device)
+        window = 64  # the largest ras_win_len a request may ask for (schema)
+        self._state = DecodeState.allocate(self.slots, self.vocab, window, self.device)
+
+        def eager(rows: int, length: int) -> None:
+            decode_step(model, self._cache, self._state, self.vocab, rows, length)
+
+        self._step = eager
+        self.cuda_graphs = False
+        if self.device.type == "cuda" and self.settings.cuda_graphs:
+            try:
+                graphs = GraphedSteps(eager, self._state, self.slots, self.context)
+                graphs.capture()
+                self._step, self.cuda_graphs = graphs, True
+                log.info("decode step captured as %d CUDA graphs", len(graphs.graphs))
+            except Exception as error:  # any capture failure: decode eagerly instead
+                log.warning("CUDA graph capture failed (%s); decoding eagerly", error)
+
+    def _free_memory_tokens(self, per_token: int) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(free * self.settings.kv_cache_memory_fraction) // per_token
 
     def synthesize(
         self,
@@ -191,37 +245,72 @@ class Engine:
         """Generate speech for one conversation (see prompts.build_conversation).
 
         `on_frames` receives each batch of newly completed frames (frames x codebooks) from
-        the generating thread as soon as every codebook has them; setting `cancel` stops
-        generation after the current step.
+        the decode thread as soon as every codebook has them; setting `cancel` stops
+        generation at the next step. The result holds what was generated until then.
         """
         self.load()
-        if self._batcher is not None:
-            return self._batcher.submit(Job(conversation, params, cancel, on_frames, decode))
-        with self._generate_lock:
-            try:
-                return self._synthesize(conversation, params, cancel, on_frames, decode)
-            finally:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+        seed = params.seed if params.seed is not None else random.randrange(2**32)
+        processor = self._processor
+        request = Request(
+            prepare=lambda: self._prepare(conversation),
+            settings=RowSettings(seed=seed, temperature=params.temperature,
+                                 top_k=params.top_k, top_p=params.top_p,
+                                 ras_win_len=params.ras_win_len,
+                                 ras_win_max_num_repeat=params.ras_win_max_num_repeat,
+                                 max_new_tokens=params.max_new_tokens),  # fmt: skip
+            aligner=DelayAligner(processor.audio_stream_bos_id, processor.audio_stream_eos_id),
+            cancel=cancel,
+            on_frames=on_frames,
+        )
+        decoded = self._loop.submit(request)
+        codebooks = self.vocab.num_codebooks
+        codes = torch.cat(decoded.frames) if decoded.frames else torch.zeros((0, codebooks),
+                                                                             dtype=torch.long)  # fmt: skip
+        start = time.perf_counter()
+        samples = self.decode_codes(codes) if decode else np.zeros(0, dtype=np.float32)
+        return Synthesis(
+            samples=samples,
+            sample_rate=self.sample_rate,
+            codes=codes,
+            prompt_tokens=decoded.prompt_tokens,
+            generated_tokens=decoded.steps,
+            seed=seed,
+            prepare_ms=decoded.prepare_ms,
+            generate_ms=decoded.generate_ms,
+            decode_ms=_ms_since(start),
+        )
 
-    @torch.inference_mode()
     def encode_clip(self, samples: np.ndarray) -> torch.Tensor:
         """A reference clip (float32 mono at sample_rate) -> codes (frames x codebooks)."""
+        return self._loop.call(lambda: self._encode_clip(samples))
+
+    def _encode_clip(self, samples: np.ndarray) -> torch.Tensor:
         processor = self._processor
         features = processor.feature_extractor(
             samples, sampling_rate=self.sample_rate, return_tensors="pt"
         )
-        input_values = features["input_values"].to(self.device)
-        codes = processor.audio_tokenizer.encode(input_values).audio_codes
-        return codes[0].T
+        with torch.inference_mode():
+            input_values = features["input_values"].to(self.device)
+            codes = processor.audio_tokenizer.encode(input_values).audio_codes
+        return codes[0].T.cpu()
 
-    @torch.inference_mode()
     def decode_codes(self, codes: torch.Tensor) -> np.ndarray:
         """Codes (frames x codebooks) -> float32 mono samples."""
         if codes.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
-        audio = self._processor.audio_tokenizer.decode(codes.T.unsqueeze(0).to(self.device))
-        return audio.audio_values.float().reshape(-1).cpu().numpy()
+        return self._loop.call(lambda: self._decode_codes(codes))
+
+    def _decode_codes(self, codes: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            tokens = codes.T.unsqueeze(0).to(self.device)
+            audio = self._processor.audio_tokenizer.decode(tokens)
+            return audio.audio_values.float().reshape(-1).cpu().numpy()
+
+    def clip_codes(self, samples: np.ndarray) -> torch.Tensor:
+        """A clip's codes through the voice cache: encoded at most once per tokenizer."""
+        self.load()
+        assert self.voice_cache is not None
+        return self.voice_cache.codes(samples, self.encode_clip)
 
     def _prepare(self, conversation: list[dict[str, Any]]) -> BatchFeature:
         """Render the chat template and put each clip's delayed codes where its placeholder is.
@@ -249,12 +338,6 @@ class Engine:
             inputs["audio_input_ids_mask"] = torch.ones(audio_input_ids.shape[:2], dtype=torch.bool)
         return inputs.to(self.device)
 
-    def clip_codes(self, samples: np.ndarray) -> torch.Tensor:
-        """A clip's codes through the voice cache: encoded at most once per tokenizer."""
-        self.load()
-        assert self.voice_cache is not None
-        return self.voice_cache.codes(samples, self.encode_clip)
-
     def _clip_codes(self, clip: dict[str, Any]) -> torch.Tensor:
         return clip["codes"] if "codes" in clip else self.clip_codes(clip["audio"])
 
@@ -266,225 +349,49 @@ class Engine:
         eos = codes.new_full((1, codes.shape[1], 1), processor.audio_stream_eos_id)
         return processor.build_delay_pattern(torch.cat([bos, codes, eos], dim=2))[0].T
 
-    @torch.inference_mode()
-    def _synthesize(
-        self,
-        conversation: list[dict[str, Any]],
-        params: SamplingParams,
-        cancel: threading.Event | None,
-        on_frames: FrameCallback | None,
-        decode: bool,
-    ) -> Synthesis:
-        """One conversation: a batch of one, its error raised."""
-        result = self.synthesize_batch([Job(conversation, params, cancel, on_frames, decode)])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+    # What the decode loop calls (scheduler.Backend), always on its thread.
 
-    def _run_batch(self, jobs: list[Job]) -> list[Synthesis | Exception]:
-        try:
-            return self.synthesize_batch(jobs)
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    @torch.inference_mode()
-    def synthesize_batch(self, jobs: list[Job]) -> list[Synthesis | Exception]:
-        """Jobs with the same sampling settings in one `generate`; a result or error per job.
-
-        A job whose prompt cannot be built fails alone; if the batched `generate` itself
-        fails, each job is run alone so that only the one at fault fails (a streaming job,
-        which may have sent frames already, fails with the batch's error instead).
-        """
-        results: list[Synthesis | Exception] = [RuntimeError("not run")] * len(jobs)
-        prepared: list[tuple[int, BatchFeature, float]] = []
-        for index, job in enumerate(jobs):
-            start = time.perf_counter()
-            try:
-                prepared.append((index, self._prepare(job.conversation), _ms_since(start)))
-            except Exception as error:
-                results[index] = _as_engine_error(error)
-        if not prepared:
-            return results
-        try:
-            batch = [(jobs[i], inputs, ms) for i, inputs, ms in prepared]
-            for (index, _, _), result in zip(prepared, self._generate(batch), strict=True):
-                results[index] = result
-        except Exception as error:
-            for index, inputs, ms in prepared:
-                # Alone, unless it was alone already or has streamed frames it cannot take back.
-                if len(prepared) == 1 or jobs[index].on_frames is not None:
-                    results[index] = _as_engine_error(error)
-                    continue
-                try:
-                    results[index] = self._generate([(jobs[index], inputs, ms)])[0]
-                except Exception as single:
-                    results[index] = _as_engine_error(single)
-        return results
-
-    def _generate(self, batch: list[tuple[Job, BatchFeature, float]]) -> list[Synthesis]:
+    def prefill(self, request: Request, slot: int) -> torch.Tensor:
+        """Run the prompt through the model's own forward (the masked text + audio path),
+        keep its keys and values in `slot` and sample the first step."""
         assert self.model is not None
-        processor = self._processor
-        params = batch[0][0].params
-        inputs = self._collate([inputs for _, inputs, _ in batch])
-        seed = params.seed if params.seed is not None else random.randrange(2**32)
-        torch.manual_seed(seed)
-        rows = [
-            _Row(job, DelayAligner(processor.audio_stream_bos_id, processor.audio_stream_eos_id))
-            for job, _, _ in batch
-        ]
-        start = time.perf_counter()
-        hook = self.model.register_forward_pre_hook(_StepTap(rows), with_kwargs=True)
-        cancels = [job.cancel for job, _, _ in batch]
-        try:
-            sequences = self.model.generate(
-                **inputs,
-                generation_config=self._generation_config(params),
-                stopping_criteria=StoppingCriteriaList([_Cancelled(cancels)])
-                if any(cancels)
-                else None,
+        started = time.perf_counter()
+        inputs = request.prepare()
+        prompt_ids = inputs["input_ids"][0]
+        request.prompt_tokens = int(prompt_ids.shape[0])
+        request.prepare_ms = _ms_since(started)
+        request.started = time.perf_counter()
+        limit = request.prompt_tokens + request.settings.max_new_tokens
+        if limit > self.context:
+            raise RequestError(
+                "max_new_tokens",
+                f"the prompt ({request.prompt_tokens} tokens: text, reference audio and "
+                f"context) plus max_new_tokens ({request.settings.max_new_tokens}) exceeds the "
+                f"{self.context} tokens a request may use on this worker (MAX_CONTEXT_TOKENS)",
             )
-        finally:
-            hook.remove()
-        for row, last in zip(rows, sequences[:, -1], strict=True):
-            row.take(last)  # the last step never goes through forward
-        generate_ms = _ms_since(start)
+        cache = DynamicCache(config=self.model.config)
+        output = self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        self._cache.fill(slot, cache)
+        audio = inputs.get("audio_input_ids")
+        sampling = self._state.sampling
+        sampling.load(slot, request.settings, self.vocab, prompt_ids.cpu(),
+                      audio[0] if audio is not None else None)  # fmt: skip
+        first = sample(sampling.rows(slot, slot + 1), output.logits[:, -1], self.vocab)[0]
+        self._state.codes[slot] = first[:-1]
+        self._state.positions[slot] = request.prompt_tokens
+        return first
 
-        results = []
-        for row, (job, row_inputs, prepare_ms) in zip(rows, batch, strict=True):
-            start = time.perf_counter()
-            codes = (
-                torch.cat(row.frames)
-                if row.frames
-                else torch.zeros((0, self.model.config.num_codebooks), dtype=torch.long)
-            )
-            samples = self.decode_codes(codes) if job.decode else np.zeros(0, dtype=np.float32)
-            results.append(
-                Synthesis(
-                    samples=samples,
-                    sample_rate=self.sample_rate,
-                    codes=codes,
-                    prompt_tokens=int(row_inputs["input_ids"].shape[1]),
-                    generated_tokens=row.steps,
-                    seed=seed,
-                    prepare_ms=prepare_ms,
-                    generate_ms=generate_ms,
-                    decode_ms=_ms_since(start),
-                )
-            )
-        return results
+    def step(self, rows: int, length: int) -> torch.Tensor:
+        assert self._step is not None
+        self._step(rows, length)
+        return self._state.readback[:rows]
 
-    def _collate(self, items: list[BatchFeature]) -> BatchFeature:
-        """Left-pad the text, right-pad the audio with the stream EOS (as the processor does)."""
-        if len(items) == 1:
-            return items[0]
-        processor = self._processor
-        pad_id = processor.tokenizer.pad_token_id
-        text_len = max(item["input_ids"].shape[1] for item in items)
-        input_ids, attention = [], []
-        for item in items:
-            pad = text_len - item["input_ids"].shape[1]
-            ids = item["input_ids"][0]
-            input_ids.append(torch.cat([ids.new_full((pad,), pad_id), ids]))
-            mask = item.get("attention_mask", torch.ones_like(item["input_ids"]))[0]
-            attention.append(torch.cat([mask.new_zeros(pad), mask]))
-        batch = {"input_ids": torch.stack(input_ids), "attention_mask": torch.stack(attention)}
-        if "audio_input_ids" in items[0]:
-            audio_len = max(item["audio_input_ids"].shape[1] for item in items)
-            audio, audio_mask = [], []
-            for item in items:
-                codes, mask = item["audio_input_ids"][0], item["audio_input_ids_mask"][0]
-                pad = audio_len - codes.shape[0]
-                eos = codes.new_full((pad, codes.shape[1]), processor.audio_stream_eos_id)
-                audio.append(torch.cat([codes, eos]))
-                audio_mask.append(torch.cat([mask, mask.new_zeros(pad)]))
-            batch["audio_input_ids"] = torch.stack(audio)
-            batch["audio_input_ids_mask"] = torch.stack(audio_mask)
-        return BatchFeature(batch).to(self.device)
+    def activate(self, slot: int) -> None:
+        self._state.active[slot] = True
 
-    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
-        assert self.model is not None
-        config = GenerationConfig.from_dict(self.model.generation_config.to_dict())
-        greedy = params.temperature == 0.0
-        config.update(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
-            top_k=None if greedy or params.top_k == 0 else params.top_k,
-        )
-        # Repetition-aware sampling: generate reads these two attributes when both are set.
-        config.ras_win_len = params.ras_win_len or None
-        config.ras_win_max_num_repeat = params.ras_win_max_num_repeat
-        return config
+    def deactivate(self, slot: int) -> None:
+        self._state.active[slot] = False
 
-
-@dataclass
-class Job:
-    """One conversation to synthesise, with where its frames go and what cancels it."""
-
-    conversation: list[dict[str, Any]]
-    params: SamplingParams
-    cancel: threading.Event | None = None
-    on_frames: FrameCallback | None = None
-    decode: bool = True
-
-
-@dataclass
-class _Row:
-    """One job's row of a batch: its own aligner, frames and step count."""
-
-    job: Job
-    aligner: DelayAligner
-    frames: list[torch.Tensor] = field(default_factory=list)
-    steps: int = 0
-
-    def take(self, step: torch.Tensor) -> None:
-        """A generated step of this row; ignored once its audio ended or it was cancelled."""
-        if self.aligner.finished or (self.job.cancel is not None and self.job.cancel.is_set()):
-            return
-        self.steps += 1
-        new = self.aligner.push(step.cpu())
-        if new.shape[0]:
-            self.frames.append(new)
-            if self.job.on_frames is not None:
-                self.job.on_frames(new)
-
-
-class _StepTap:
-    """Forward pre-hook that sees each generated step as the model reads it back.
-
-    During decoding, generate feeds the model the steps it just sampled as
-    `audio_input_ids[:, -1]` (one row per job); the first call is the prompt (prefill).
-    """
-
-    def __init__(self, rows: list[_Row]) -> None:
-        self.rows = rows
-        self.calls = 0
-
-    def __call__(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-        self.calls += 1
-        if self.calls > 1:
-            steps = kwargs["audio_input_ids"][:, -1].cpu()
-            for row, step in zip(self.rows, steps, strict=True):
-                row.take(step)
-
-
-class _Cancelled(StoppingCriteria):
-    """Stops each row after the current step once its event is set."""
-
-    def __init__(self, events: list[threading.Event | None]) -> None:
-        self.events = events
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        flags = [event is not None and event.is_set() for event in self.events]
-        return torch.tensor(flags, device=input_ids.device)
-
-
-def _as_engine_error(error: Exception) -> Exception:
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return OutOfMemoryError(
-            "the GPU ran out of memory for this request; try a shorter text, a shorter "
-            "reference clip or a smaller max_new_tokens"
-        )
-    return error
+    def release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -173,15 +173,32 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         default=8,
         ge=1,
-        le=64,
-        description="Most jobs the worker takes at once and generates in one batch; 1 runs "
-        "jobs one at a time.",
+        le=256,
+        description="Most requests decoding at once (KV-cache slots); the worker takes this "
+        "many jobs at once. Fewer when the KV-cache budget cannot hold this many contexts.",
     )
-    batch_window_ms: float = Field(
-        default=20.0,
+    max_context_tokens: int = Field(
+        default=4096,
+        ge=64,
+        description="Tokens one request's slot holds: prompt (text, reference and context "
+        "codes) plus max_new_tokens; capped by the model's max_position_embeddings.",
+    )
+    kv_cache_memory_fraction: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=0.95,
+        description="Share of the device memory still free after loading (RAM on a CPU) "
+        "that the KV cache may take; sets how many slots fit.",
+    )
+    kv_cache_tokens: int = Field(
+        default=0,
         ge=0,
-        le=1000,
-        description="How long the first waiting job waits for others to join its batch.",
+        description="KV-cache budget in tokens; 0 computes it from KV_CACHE_MEMORY_FRACTION.",
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="Capture the decode step as CUDA graphs at start-up (GPU only; falls back "
+        "to eager decoding, with a log line, if capture fails).",
     )
 
     @model_validator(mode="after")

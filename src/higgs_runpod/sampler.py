@@ -1,0 +1,246 @@
+"""Per-request sampling on the device: delay pattern, temperature, top-k, top-p, RAS, seed.
+
+Every running request owns one row (its KV-cache slot) of the tensors in `SamplingRows`.
+`sample` reads the audio head's logits for a batch of rows and updates those rows in
+place with tensor operations only (no boolean indexing, no `.item()`, no host copy), so a
+whole decode step, sampling included, can be captured as one CUDA graph.
+
+It follows transformers' `generate` for Higgs Audio v2 step by step, so that greedy
+decoding gives the same codes and sampling the same distribution:
+
+1. the delay pattern (`HiggsAudioV2DelayPatternLogitsProcessor`): codebook i is forced to
+   the stream BOS for its first i + 1 steps; once any codebook has emitted the stream EOS,
+   codebook i is forced to EOS i + 1 steps later;
+2. temperature, then top-k, then top-p, as `TemperatureLogitsWarper`, `TopKLogitsWarper`
+   and `TopPLogitsWarper` do (greedy rows skip them and take the argmax);
+3. repetition-aware sampling (RAS): a code that already appears `ras_win_max_num_repeat`
+   times in the row's last `ras_win_len` steps is drawn again from the raw logits, as
+   generate does (raw: without temperature or the delay-pattern masks).
+
+Randomness is counter-based: the noise for (seed, step, codebook, code) is a hash of
+those numbers, so a seeded request draws the same numbers alone or in any batch, on any
+device, with no generator state to carry. A draw is Gumbel-max: argmax(scores + Gumbel
+noise) is a sample from softmax(scores), the distribution generate's multinomial draws from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2**31: products of 32-bit values stay inside int64, so nothing overflows
+_SPREAD = 0x61C88647
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """One request's sampling settings, as the engine received them."""
+
+    seed: int
+    temperature: float
+    top_k: int  # 0: off
+    top_p: float
+    ras_win_len: int  # 0: RAS off
+    ras_win_max_num_repeat: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class AudioVocab:
+    """What sampling needs to know about the model's audio vocabulary."""
+
+    num_codebooks: int
+    codebook_size: int  # codes per codebook, stream BOS and EOS included
+    stream_bos: int
+    stream_eos: int
+    audio_bos_token: int  # text-side ids that start and end the delay pattern
+    audio_delay_token: int
+
+
+@dataclass
+class SamplingRows:
+    """Sampling state of every slot: one row per slot, kept on the device."""
+
+    seed: torch.Tensor  # (slots,) int64, below 2**32
+    step: torch.Tensor  # (slots,) int64: steps generated so far
+    max_steps: torch.Tensor  # (slots,) int64
+    sampling: torch.Tensor  # (slots,) bool: False means greedy
+    temperature: torch.Tensor  # (slots,) float32
+    top_k: torch.Tensor  # (slots,) int64, codebook_size when off
+    top_p: torch.Tensor  # (slots,) float32
+    ras_len: torch.Tensor  # (slots,) int64, 0 when off
+    ras_repeat: torch.Tensor  # (slots,) int64
+    bos_countdown: torch.Tensor  # (slots, codebooks) int64: BOS forced while >= 0
+    eos_countdown: torch.Tensor  # (slots, codebooks) int64: EOS forced once <= 0
+    delayed: torch.Tensor  # (slots,) bool: an EOS was emitted, the EOS countdown runs
+    history: torch.Tensor  # (slots, window, codebooks) int64: last steps, oldest first
+
+    @classmethod
+    def allocate(
+        cls, slots: int, vocab: AudioVocab, window: int, device: torch.device
+    ) -> SamplingRows:
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        codebooks = vocab.num_codebooks
+        return cls(
+            seed=zeros(slots),
+            step=zeros(slots),
+            max_steps=zeros(slots),
+            sampling=zeros(slots, dtype=torch.bool),
+            temperature=zeros(slots, dtype=torch.float32) + 1.0,
+            top_k=zeros(slots) + vocab.codebook_size,
+            top_p=zeros(slots, dtype=torch.float32) + 1.0,
+            ras_len=zeros(slots),
+            ras_repeat=zeros(slots),
+            bos_countdown=zeros(slots, codebooks),
+            eos_countdown=zeros(slots, codebooks),
+            delayed=zeros(slots, dtype=torch.bool),
+            history=zeros(slots, max(window, 1), codebooks) + vocab.stream_eos,
+        )
+
+    def rows(self, start: int, stop: int) -> SamplingRows:
+        """Views of rows [start, stop): updating them updates these tensors."""
+        return SamplingRows(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def load(
+        self,
+        slot: int,
+        settings: RowSettings,
+        vocab: AudioVocab,
+        prompt_ids: torch.Tensor,
+        prompt_audio: torch.Tensor | None,
+    ) -> None:
+        """Start `slot` for a new request whose prompt is `prompt_ids` (text ids, 1-D) with
+        `prompt_audio` (delayed audio steps x codebooks) in it."""
+        greedy = settings.temperature == 0.0
+        top_k = settings.top_k if 0 < settings.top_k < vocab.codebook_size else 0
+        values = {
+            "seed": settings.seed & _MASK32,
+            "step": 0,
+            "max_steps": settings.max_new_tokens,
+            "sampling": not greedy,
+            "temperature": 1.0 if greedy else settings.temperature,
+            "top_k": top_k or vocab.codebook_size,
+            "top_p": 1.0 if greedy else settings.top_p,
+            "ras_len": min(settings.ras_win_len, self.history.shape[1]),
+            "ras_repeat": settings.ras_win_max_num_repeat,
+            "delayed": bool(prompt_ids[-1] == vocab.audio_delay_token),
+        }
+        for name, value in values.items():
+            getattr(self, name)[slot] = value
+        bos, eos = delay_countdowns(prompt_ids, vocab)
+        self.bos_countdown[slot] = torch.tensor(bos)
+        self.eos_countdown[slot] = torch.tensor(eos)
+        history = self.history[slot]
+        history.fill_(vocab.stream_eos)  # EOS never counts as a repetition
+        if prompt_audio is not None and prompt_audio.shape[0]:
+            tail = prompt_audio[-history.shape[0] :]
+            history[history.shape[0] - tail.shape[0] :] = tail
+
+
+def delay_countdowns(prompt_ids: torch.Tensor, vocab: AudioVocab) -> tuple[list[int], list[int]]:
+    """The delay-pattern countdowns at the first step, as the logits processor sets them
+    from the prompt's last `codebooks` text ids."""
+    codebooks = vocab.num_codebooks
+    tail = prompt_ids[-codebooks:].tolist()
+    pattern = list(range(1, codebooks + 1))
+
+    def shifted(token: int, absent: list[int]) -> list[int]:
+        if token not in tail:
+            return absent
+        after = codebooks - tail.index(token)
+        return [p - after for p in pattern]
+
+    return (
+        shifted(vocab.audio_bos_token, [0] * codebooks),
+        shifted(vocab.audio_delay_token, pattern),
+    )
+
+
+def sample(rows: SamplingRows, logits: torch.Tensor, vocab: AudioVocab) -> torch.Tensor:
+    """One step for every row: logits (rows, codebooks * codebook_size) -> codes
+    (rows, codebooks), with the rows' state advanced. Returns the codes and, as a last
+    column, 1 where the row has finished (all codebooks at EOS, or max_new_tokens)."""
+    batch, codebooks, size = logits.shape[0], vocab.num_codebooks, vocab.codebook_size
+    raw = logits.float().reshape(batch, codebooks, size)
+    codes = torch.arange(size, device=raw.device)
+    minus_inf = torch.tensor(float("-inf"), device=raw.device)
+
+    # 1. The delay pattern.
+    bos_on = rows.bos_countdown >= 0
+    eos_countdown = rows.eos_countdown - rows.delayed.long()[:, None]
+    scores = torch.where(bos_on[..., None] & (codes != vocab.stream_bos), minus_inf, raw)
+    scores = torch.where((eos_countdown <= 0)[..., None] & (codes != vocab.stream_eos), minus_inf, scores)
+
+    # 2. Temperature, top-k, top-p; Gumbel noise makes the argmax a draw.
+    warped = _top_p(_top_k(scores / rows.temperature[:, None, None], rows.top_k), rows.top_p)
+    noise = _gumbel(rows.seed, rows.step, 0, codebooks, size)
+    chosen = torch.where(rows.sampling[:, None], (warped + noise).argmax(-1), scores.argmax(-1))
+
+    # 3. RAS: a code repeated too often in the window is drawn again from the raw logits.
+    window = rows.history.shape[1]
+    in_window = torch.arange(window, device=raw.device) >= (window - rows.ras_len)[:, None]
+    history = rows.history
+    repeats = (
+        (history == chosen[:, None, :])
+        & (history != vocab.stream_bos)
+        & (history != vocab.stream_eos)
+        & in_window[..., None]
+    ).sum(1)
+    redraw = (rows.ras_len > 0)[:, None] & (repeats >= rows.ras_repeat[:, None])
+    redrawn = (raw + _gumbel(rows.seed, rows.step, 1, codebooks, size)).argmax(-1)
+    chosen = torch.where(redraw, redrawn, chosen)
+
+    ended = chosen == vocab.stream_eos
+    step = rows.step + 1
+    finished = ended.all(-1) | (step >= rows.max_steps)
+    # Commit the new state only now: an error above (out of memory) leaves the rows as they were.
+    rows.bos_countdown.sub_(bos_on.long())
+    rows.eos_countdown.copy_(eos_countdown)
+    rows.delayed.logical_or_(ended.any(-1))
+    rows.history.copy_(torch.cat([history[:, 1:], chosen[:, None, :]], dim=1))
+    rows.step.copy_(step)
+    return torch.cat([chosen, finished.long()[:, None]], dim=1)
+
+
+def _top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep the k best codes of each codebook (and ties with the k-th), per row."""
+    size = scores.shape[-1]
+    kth = scores.sort(dim=-1, descending=True).values.gather(
+        -1, (top_k.clamp(1, size) - 1)[:, None, None].expand(*scores.shape[:2], 1)
+    )
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Drop the least likely codes whose probabilities add up to at most 1 - top_p."""
+    ascending, order = scores.sort(dim=-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1.0 - top_p)[:, None, None]
+    drop[..., -1] = False  # the likeliest code always stays
+    return scores.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
+
+
+def _gumbel(
+    seed: torch.Tensor, step: torch.Tensor, stream: int, codebooks: int, size: int
+) -> torch.Tensor:
+    """Gumbel noise (rows, codebooks, size) that depends only on (seed, step, stream, index)."""
+    counter = _hash32(_hash32(seed) ^ ((step * 2 + stream) & _MASK32))
+    index = torch.arange(codebooks * size, device=seed.device).view(1, codebooks, size)
+    bits = _hash32(counter[:, None, None] + index * _SPREAD)
+    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(uniform))
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (multiply-xorshift) on int64 tensors, exact on every device."""
+    x = x & _MASK32
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    return (x >> 16) ^ x
