@@ -41,7 +41,7 @@ from transformers import (
 
 from .errors import ModelNotFoundError, RequestError
 from .model_store import ensure_checkpoints
-from .sampler import AudioVocab, RowSettings, sample
+from .sampler import ALL_FEATURES, AudioVocab, Features, RowSettings, features_of, sample
 from .scheduler import DecodeLoop, Request
 from .settings import Settings
 from .slots import DecodeState, GraphedSteps, SlotCache, decode_step
@@ -110,7 +110,7 @@ class Engine:
         self.cuda_graphs = False
         self._loop = DecodeLoop()
         self._load_lock = threading.Lock()
-        self._step: Callable[[int, int], None] | None = None
+        self._step: Callable[..., None] | None = None
 
     @property
     def is_loaded(self) -> bool:
@@ -209,11 +209,10 @@ class Engine:
                  budget, self.slots, self.context, self.slots * self.context,
                  self.slots * self.context * per_token / 2**30)  # fmt: skip
         self._cache = SlotCache(config, self.slots, self.context, self.dtype, self.device)
-        window = 64  # the largest ras_win_len a request may ask for (schema)
-        self._state = DecodeState.allocate(self.slots, self.vocab, window, self.device)
+        self._state = DecodeState.allocate(self.slots, self.vocab, self.device)
 
-        def eager(rows: int, length: int) -> None:
-            decode_step(model, self._cache, self._state, self.vocab, rows, length)
+        def eager(rows: int, length: int, features: Features = ALL_FEATURES) -> None:
+            decode_step(model, self._cache, self._state, self.vocab, rows, length, features)
 
         self._step = eager
         self.cuda_graphs = False
@@ -251,21 +250,25 @@ class Engine:
         self.load()
         seed = params.seed if params.seed is not None else random.randrange(2**32)
         processor = self._processor
+        row = RowSettings(
+            seed=seed,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            ras_win_len=params.ras_win_len,
+            ras_win_max_num_repeat=params.ras_win_max_num_repeat,
+            max_new_tokens=params.max_new_tokens,
+        )
         request = Request(
             prepare=lambda: self._prepare(conversation),
-            settings=RowSettings(seed=seed, temperature=params.temperature,
-                                 top_k=params.top_k, top_p=params.top_p,
-                                 ras_win_len=params.ras_win_len,
-                                 ras_win_max_num_repeat=params.ras_win_max_num_repeat,
-                                 max_new_tokens=params.max_new_tokens),  # fmt: skip
+            settings=row,
             aligner=DelayAligner(processor.audio_stream_bos_id, processor.audio_stream_eos_id),
             cancel=cancel,
             on_frames=on_frames,
         )
         decoded = self._loop.submit(request)
-        codebooks = self.vocab.num_codebooks
-        codes = torch.cat(decoded.frames) if decoded.frames else torch.zeros((0, codebooks),
-                                                                             dtype=torch.long)  # fmt: skip
+        empty = torch.zeros((0, self.vocab.num_codebooks), dtype=torch.long)
+        codes = torch.cat(decoded.frames) if decoded.frames else empty
         start = time.perf_counter()
         samples = self.decode_codes(codes) if decode else np.zeros(0, dtype=np.float32)
         return Synthesis(
@@ -376,14 +379,18 @@ class Engine:
         sampling = self._state.sampling
         sampling.load(slot, request.settings, self.vocab, prompt_ids.cpu(),
                       audio[0] if audio is not None else None)  # fmt: skip
-        first = sample(sampling.rows(slot, slot + 1), output.logits[:, -1], self.vocab)[0]
+        features = features_of([request.settings], self.vocab)
+        first = sample(sampling.rows(slot, slot + 1), output.logits[:, -1], self.vocab, features)[0]
         self._state.codes[slot] = first[:-1]
         self._state.positions[slot] = request.prompt_tokens
         return first
 
-    def step(self, rows: int, length: int) -> torch.Tensor:
+    def step(self, rows: int, length: int, settings: list[RowSettings]) -> torch.Tensor:
         assert self._step is not None
-        self._step(rows, length)
+        if self.cuda_graphs:
+            self._step(rows, length)  # graphs run every feature: one graph serves any mix
+        else:
+            self._step(rows, length, features_of(settings, self.vocab))
         return self._state.readback[:rows]
 
     def activate(self, slot: int) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+RAS_WINDOW = 64  # the longest ras_win_len a request may ask for (schema)
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**31: products of 32-bit values stay inside int64, so nothing overflows
 _SPREAD = 0x61C88647
@@ -75,12 +76,11 @@ class SamplingRows:
     bos_countdown: torch.Tensor  # (slots, codebooks) int64: BOS forced while >= 0
     eos_countdown: torch.Tensor  # (slots, codebooks) int64: EOS forced once <= 0
     delayed: torch.Tensor  # (slots,) bool: an EOS was emitted, the EOS countdown runs
-    history: torch.Tensor  # (slots, window, codebooks) int64: last steps, oldest first
+    history: torch.Tensor  # (slots, RAS_WINDOW, codebooks) int64: last steps, oldest
+    # first, with -1 for the stream BOS and EOS (never counted as repetitions)
 
     @classmethod
-    def allocate(
-        cls, slots: int, vocab: AudioVocab, window: int, device: torch.device
-    ) -> SamplingRows:
+    def allocate(cls, slots: int, vocab: AudioVocab, device: torch.device) -> SamplingRows:
         def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -98,7 +98,7 @@ class SamplingRows:
             bos_countdown=zeros(slots, codebooks),
             eos_countdown=zeros(slots, codebooks),
             delayed=zeros(slots, dtype=torch.bool),
-            history=zeros(slots, max(window, 1), codebooks) + vocab.stream_eos,
+            history=zeros(slots, RAS_WINDOW, codebooks) - 1,
         )
 
     def rows(self, start: int, stop: int) -> SamplingRows:
@@ -138,10 +138,11 @@ class SamplingRows:
         self.bos_countdown[slot] = torch.tensor(bos)
         self.eos_countdown[slot] = torch.tensor(eos)
         history = self.history[slot]
-        history.fill_(vocab.stream_eos)  # EOS never counts as a repetition
+        history.fill_(-1)
         if prompt_audio is not None and prompt_audio.shape[0]:
-            tail = prompt_audio[-history.shape[0] :]
-            history[history.shape[0] - tail.shape[0] :] = tail
+            tail = prompt_audio[-RAS_WINDOW:]
+            special = (tail == vocab.stream_bos) | (tail == vocab.stream_eos)
+            history[RAS_WINDOW - tail.shape[0] :] = tail.masked_fill(special, -1)
 
 
 def delay_countdowns(prompt_ids: torch.Tensor, vocab: AudioVocab) -> tuple[list[int], list[int]]:
@@ -163,39 +164,69 @@ def delay_countdowns(prompt_ids: torch.Tensor, vocab: AudioVocab) -> tuple[list[
     )
 
 
-def sample(rows: SamplingRows, logits: torch.Tensor, vocab: AudioVocab) -> torch.Tensor:
+@dataclass(frozen=True)
+class Features:
+    """Which sampling features some running row uses, known on the host from the requests.
+
+    The eager step skips what no row needs (as vLLM's sampler does for all-greedy batches);
+    captured CUDA graphs always run with everything on, so one graph serves any mix.
+    """
+
+    sampling: bool = True
+    top_k: bool = True
+    top_p: bool = True
+    ras: bool = True
+
+
+ALL_FEATURES = Features()
+
+
+def features_of(settings: list[RowSettings], vocab: AudioVocab) -> Features:
+    sampled = [s for s in settings if s.temperature > 0.0]
+    return Features(
+        sampling=bool(sampled),
+        top_k=any(0 < s.top_k < vocab.codebook_size for s in sampled),
+        top_p=any(s.top_p < 1.0 for s in sampled),
+        ras=any(s.ras_win_len > 0 for s in settings),
+    )
+
+
+def sample(
+    rows: SamplingRows, logits: torch.Tensor, vocab: AudioVocab, features: Features = ALL_FEATURES
+) -> torch.Tensor:
     """One step for every row: logits (rows, codebooks * codebook_size) -> codes
     (rows, codebooks), with the rows' state advanced. Returns the codes and, as a last
     column, 1 where the row has finished (all codebooks at EOS, or max_new_tokens)."""
     batch, codebooks, size = logits.shape[0], vocab.num_codebooks, vocab.codebook_size
     raw = logits.float().reshape(batch, codebooks, size)
-    codes = torch.arange(size, device=raw.device)
-    minus_inf = torch.tensor(float("-inf"), device=raw.device)
+    const = _constants(vocab, raw.device)
 
-    # 1. The delay pattern.
+    # 1. The delay pattern: the forced code of each codebook (BOS, EOS or none).
     bos_on = rows.bos_countdown >= 0
-    eos_countdown = rows.eos_countdown - rows.delayed.long()[:, None]
-    scores = torch.where(bos_on[..., None] & (codes != vocab.stream_bos), minus_inf, raw)
-    scores = torch.where((eos_countdown <= 0)[..., None] & (codes != vocab.stream_eos), minus_inf, scores)
+    eos_countdown = rows.eos_countdown - rows.delayed[:, None].long()
+    forced = torch.where(
+        bos_on, vocab.stream_bos, torch.where(eos_countdown <= 0, vocab.stream_eos, -1)
+    )
+    scores = raw.masked_fill(
+        (forced[..., None] >= 0) & (forced[..., None] != const.codes), float("-inf")
+    )
 
     # 2. Temperature, top-k, top-p; Gumbel noise makes the argmax a draw.
-    warped = _top_p(_top_k(scores / rows.temperature[:, None, None], rows.top_k), rows.top_p)
-    noise = _gumbel(rows.seed, rows.step, 0, codebooks, size)
-    chosen = torch.where(rows.sampling[:, None], (warped + noise).argmax(-1), scores.argmax(-1))
+    chosen = scores.argmax(-1)
+    noise = _gumbel(rows.seed, rows.step, const) if features.sampling or features.ras else None
+    if features.sampling:
+        assert noise is not None
+        warped = _warp(scores / rows.temperature[:, None, None], rows, features)
+        chosen = torch.where(rows.sampling[:, None], (warped + noise[0]).argmax(-1), chosen)
 
     # 3. RAS: a code repeated too often in the window is drawn again from the raw logits.
-    window = rows.history.shape[1]
-    in_window = torch.arange(window, device=raw.device) >= (window - rows.ras_len)[:, None]
     history = rows.history
-    repeats = (
-        (history == chosen[:, None, :])
-        & (history != vocab.stream_bos)
-        & (history != vocab.stream_eos)
-        & in_window[..., None]
-    ).sum(1)
-    redraw = (rows.ras_len > 0)[:, None] & (repeats >= rows.ras_repeat[:, None])
-    redrawn = (raw + _gumbel(rows.seed, rows.step, 1, codebooks, size)).argmax(-1)
-    chosen = torch.where(redraw, redrawn, chosen)
+    if features.ras:
+        assert noise is not None
+        in_window = const.window_index >= (history.shape[1] - rows.ras_len)[:, None]
+        repeats = ((history == chosen[:, None, :]) & in_window[..., None]).sum(1)
+        redraw = (repeats >= rows.ras_repeat[:, None]) & (rows.ras_len > 0)[:, None]
+        chosen = torch.where(redraw, (raw + noise[1]).argmax(-1), chosen)
 
     ended = chosen == vocab.stream_eos
     step = rows.step + 1
@@ -204,38 +235,61 @@ def sample(rows: SamplingRows, logits: torch.Tensor, vocab: AudioVocab) -> torch
     rows.bos_countdown.sub_(bos_on.long())
     rows.eos_countdown.copy_(eos_countdown)
     rows.delayed.logical_or_(ended.any(-1))
-    rows.history.copy_(torch.cat([history[:, 1:], chosen[:, None, :]], dim=1))
+    # History keeps -1 for the stream BOS/EOS, which never count as repetitions.
+    remembered = chosen.masked_fill((chosen == vocab.stream_bos) | ended, -1)
+    rows.history.copy_(torch.cat([history[:, 1:], remembered[:, None, :]], dim=1))
     rows.step.copy_(step)
-    return torch.cat([chosen, finished.long()[:, None]], dim=1)
+    return torch.cat([chosen, finished[:, None].long()], dim=1)
 
 
-def _top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep the k best codes of each codebook (and ties with the k-th), per row."""
+def _warp(scores: torch.Tensor, rows: SamplingRows, features: Features) -> torch.Tensor:
+    """Top-k (ties with the k-th kept), then top-p (drop the least likely codes whose
+    probabilities add up to at most 1 - top_p), per row, on one sort."""
+    if not (features.top_k or features.top_p):
+        return scores
     size = scores.shape[-1]
-    kth = scores.sort(dim=-1, descending=True).values.gather(
-        -1, (top_k.clamp(1, size) - 1)[:, None, None].expand(*scores.shape[:2], 1)
-    )
-    return scores.masked_fill(scores < kth, float("-inf"))
-
-
-def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Drop the least likely codes whose probabilities add up to at most 1 - top_p."""
     ascending, order = scores.sort(dim=-1)
-    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= (1.0 - top_p)[:, None, None]
-    drop[..., -1] = False  # the likeliest code always stays
-    return scores.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
+    if features.top_k:
+        kth = ascending.gather(-1, (size - rows.top_k)[:, None, None].expand(*scores.shape[:2], 1))
+        ascending = ascending.masked_fill(ascending < kth, float("-inf"))
+    if features.top_p:
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1.0 - rows.top_p)[:, None, None]
+        drop[..., -1] = False  # the likeliest code always stays
+        ascending = ascending.masked_fill(drop, float("-inf"))
+    return scores.scatter(-1, order, ascending)
 
 
-def _gumbel(
-    seed: torch.Tensor, step: torch.Tensor, stream: int, codebooks: int, size: int
-) -> torch.Tensor:
-    """Gumbel noise (rows, codebooks, size) that depends only on (seed, step, stream, index)."""
-    counter = _hash32(_hash32(seed) ^ ((step * 2 + stream) & _MASK32))
-    index = torch.arange(codebooks * size, device=seed.device).view(1, codebooks, size)
-    bits = _hash32(counter[:, None, None] + index * _SPREAD)
-    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(uniform))
+@dataclass(frozen=True)
+class _Constants:
+    codes: torch.Tensor  # arange(codebook_size)
+    window_index: torch.Tensor  # arange(window)
+    spread: torch.Tensor  # (2, codebooks, size): each noise element's own counter offset
+
+
+_CONSTANTS: dict[tuple[AudioVocab, torch.device], _Constants] = {}
+
+
+def _constants(vocab: AudioVocab, device: torch.device) -> _Constants:
+    key = (vocab, device)
+    if key not in _CONSTANTS:
+        count = 2 * vocab.num_codebooks * vocab.codebook_size
+        spread = torch.arange(count, device=device) * _SPREAD
+        _CONSTANTS[key] = _Constants(
+            codes=torch.arange(vocab.codebook_size, device=device),
+            window_index=torch.arange(RAS_WINDOW, device=device),
+            spread=spread.view(2, 1, vocab.num_codebooks, vocab.codebook_size),
+        )
+    return _CONSTANTS[key]
+
+
+def _gumbel(seed: torch.Tensor, step: torch.Tensor, const: _Constants) -> torch.Tensor:
+    """Two streams of Gumbel noise (2, rows, codebooks, size), the first for sampling and
+    the second for RAS redraws, depending only on (seed, step, stream, index)."""
+    counter = _hash32(_hash32(seed) ^ step)
+    bits = _hash32(counter[:, None, None] + const.spread)
+    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
+    return uniform.log_().neg_().log_().neg_()
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

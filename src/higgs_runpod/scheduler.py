@@ -92,8 +92,9 @@ class Backend:
         """Prefill `request` into `slot`; return its first step with the finished flag."""
         raise NotImplementedError
 
-    def step(self, rows: int, length: int) -> torch.Tensor:
-        """Launch a decode step; return the device tensor holding its readback."""
+    def step(self, rows: int, length: int, settings: list[Any]) -> torch.Tensor:
+        """Launch a decode step for rows [0, rows) whose busy rows have these settings;
+        return the device tensor holding its readback."""
         raise NotImplementedError
 
     def deactivate(self, slot: int) -> None:
@@ -245,7 +246,7 @@ class DecodeLoop:
         rows = max(r.slot for r in busy) + 1
         length = min(max(r.prompt_tokens + r.launched for r in busy) + 1, self.backend.context)
         try:
-            readback = self.backend.step(rows, length)
+            readback = self.backend.step(rows, length, [r.settings for r in busy])
         except torch.OutOfMemoryError:
             self._evict_newest(busy)
             return

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import HiggsAudioV2ForConditionalGeneration
 
-from .sampler import AudioVocab, SamplingRows, sample
+from .sampler import ALL_FEATURES, AudioVocab, Features, SamplingRows, sample
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,20 @@ class StepView:
 
     def __init__(self, cache: SlotCache, rows: torch.Tensor, positions: torch.Tensor,
                  length: int) -> None:  # fmt: skip
-        self.cache, self.rows, self.positions, self.length = cache, rows, positions, length
+        self.cache, self.length, self.count = cache, length, rows.shape[0]
+        heads, context = cache.keys[0].shape[1], cache.context
+        # One flat index per (row, head) into (slots * heads * context): index_copy_ along
+        # one dimension is the cheapest scatter there is.
+        head_index = torch.arange(heads, device=rows.device)
+        self.index = ((rows[:, None] * heads + head_index) * context + positions[:, None]).view(-1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys[self.rows, :, self.positions] = key_states[:, :, 0]
-        values[self.rows, :, self.positions] = value_states[:, :, 0]
-        count = self.rows.shape[0]
-        return keys[:count, :, : self.length], values[:count, :, : self.length]
+        width = keys.shape[-1]
+        keys.view(-1, width).index_copy_(0, self.index, key_states.reshape(-1, width))
+        values.view(-1, width).index_copy_(0, self.index, value_states.reshape(-1, width))
+        return keys[: self.count, :, : self.length], values[: self.count, :, : self.length]
 
 
 @dataclass
@@ -89,15 +94,14 @@ class DecodeState:
     row_index: torch.Tensor  # arange(slots)
 
     @classmethod
-    def allocate(cls, slots: int, vocab: AudioVocab, window: int,
-                 device: torch.device) -> DecodeState:  # fmt: skip
+    def allocate(cls, slots: int, vocab: AudioVocab, device: torch.device) -> DecodeState:
         codebooks = vocab.num_codebooks
         return cls(
             codes=torch.zeros((slots, codebooks), dtype=torch.long, device=device),
             positions=torch.zeros(slots, dtype=torch.long, device=device),
             active=torch.zeros(slots, dtype=torch.bool, device=device),
             readback=torch.zeros((slots, codebooks + 1), dtype=torch.long, device=device),
-            sampling=SamplingRows.allocate(slots, vocab, window, device),
+            sampling=SamplingRows.allocate(slots, vocab, device),
             row_index=torch.arange(slots, device=device),
         )
 
@@ -112,6 +116,7 @@ def decode_step(
     vocab: AudioVocab,
     rows: int,
     length: int,
+    features: Features = ALL_FEATURES,
 ) -> None:
     """One audio step for rows [0, rows), attending over [0, length); results land in
     `state` (codes, positions, active, readback) and in the cache."""
@@ -125,7 +130,7 @@ def decode_step(
     for layer in inner.layers[: inner.config.num_hidden_layers]:
         hidden = layer(hidden, embeddings, attention_mask=mask, audio_token_mask=None, cache=view)
     logits = model.audio_lm_head(inner.norm(hidden)[:, 0])
-    out = sample(state.sampling.rows(0, rows), logits, vocab)
+    out = sample(state.sampling.rows(0, rows), logits, vocab, features)
     state.readback[:rows].copy_(out)
     codes.copy_(torch.where(active[:, None], out[:, :-1], codes))
     positions.add_(active.long())
@@ -144,7 +149,7 @@ def bucket_for(value: int, sizes: list[int]) -> int:
     return next(size for size in sizes if size >= value)
 
 
-Step = Callable[[int, int], None]
+Step = Callable[..., None]
 
 
 class GraphedSteps:
