@@ -85,17 +85,15 @@ def main() -> None:
                                   "TOKENIZER_PATH": str(tokenizer_dir)})  # fmt: skip
         engine = Engine(settings)
         engine.load()
-        inputs = engine._loop.call(lambda: engine._prepare(build_conversation("Hello there.")))
+        inputs = engine.prompt_inputs(build_conversation("Hello there."))
         figures: dict[str, list[float]] = {"bare forward": [], "engine": [], "generate": []}
         engine_ms(engine, 20)  # warm-up
         for _ in range(args.rounds):
             figures["bare forward"].append(
-                engine._loop.call(lambda: bare_forward_ms(engine, inputs, args.steps))
+                engine.call(lambda: bare_forward_ms(engine, inputs, args.steps))
             )
             figures["engine"].append(engine_ms(engine, args.steps))
-            figures["generate"].append(
-                engine._loop.call(lambda: generate_ms(engine, inputs, args.steps))
-            )
+            figures["generate"].append(engine.call(lambda: generate_ms(engine, inputs, args.steps)))
     medians = {name: statistics.median(values) for name, values in figures.items()}
     print(f"tiny model, {args.layers} layers, {args.steps} steps, {args.rounds} rounds, one thread")
     for name, value in medians.items():

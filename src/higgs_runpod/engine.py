@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from .voice_cache import VoiceCache, tokenizer_identity
 log = logging.getLogger(__name__)
 
 FrameCallback = Callable[[torch.Tensor], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,16 @@ class Engine:
             generate_ms=decoded.generate_ms,
             decode_ms=_ms_since(start),
         )
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Run `function` on the model thread, between decode steps (tests and benchmarks
+        use it to run the model directly)."""
+        return self._loop.call(function)
+
+    def prompt_inputs(self, conversation: list[dict[str, Any]]) -> BatchFeature:
+        """The model inputs of a conversation's prompt (what `generate` would be given)."""
+        self.load()
+        return self._loop.call(lambda: self._prepare(conversation))
 
     def encode_clip(self, samples: np.ndarray) -> torch.Tensor:
         """A reference clip (float32 mono at sample_rate) -> codes (frames x codebooks)."""

@@ -85,21 +85,17 @@ class Worker:
         self.engine = engine or Engine(settings)
         self.voices = VoiceResolver(settings)
         self.storage = Storage(settings)
-        # One thread per job that may be generating at once: each blocks in the batcher while
-        # its rows are generated (asyncio's default pool has only cores + 4 threads).
+        # One thread per job that may be generating at once: each blocks on its own request
+        # while the engine's decode loop runs it among the others (asyncio's default pool
+        # has only cores + 4 threads).
         self._generation_threads = ThreadPoolExecutor(
             max_workers=settings.max_batch_size, thread_name_prefix="job"
         )
-        # Loading and one-shot decoding run on one thread of their own (generation runs on
-        # the batcher's thread): torch keeps an OpenMP pool per calling thread, and hopping
-        # between pool threads left idle pools spinning against the busy one (CPU model
-        # work up to several times slower). Streamed pieces decode beside the generation.
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     async def on_engine_thread(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run model work on the worker's engine thread, off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._engine_thread, partial(function, *args, **kwargs))
+        """Run a blocking engine call (load, decode) off the event loop; the engine does the
+        model work itself, on its decode thread."""
+        return await asyncio.to_thread(function, *args, **kwargs)
 
     def warm_voices(self) -> int:
         """Encode every library voice into the voice cache now, so no request pays for it;

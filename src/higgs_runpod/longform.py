@@ -1,8 +1,7 @@
 """Generating a text chunk by chunk, each chunk hearing the ones before it.
 
 Every chunk is generated with the same voice and the same seed (the request's, or one
-drawn for a long text; a single-chunk request without a seed stays unseeded so that it can
-share a batch with other jobs, and reports the seed its batch used). The prompt of chunk k
+drawn here for a long text; the engine draws one for a single chunk). The prompt of chunk k
 also holds the text and the audio codes of the `context_chunks` chunks before it (the
 codes themselves: nothing is decoded and encoded again), so the voice and the pace carry
 on. The chunks' codes are joined and decoded in one pass, so the joins have no clicks.
