@@ -185,7 +185,7 @@ def test_generate_makes_audio_codes_from_the_engines_prompt(
     if cloned:
         t = np.arange(24_000) / 24_000
         voice = ReferenceClip((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), "A tone.")
-    inputs = published_engine._prepare(build_conversation("Hello there.", voice=voice))
+    inputs = published_engine.prompt_inputs(build_conversation("Hello there.", voice=voice))
     assert inputs["input_ids"][0, 0] == 128000
     assert inputs["input_ids"][0, -1] == 128013
     assert ("audio_input_ids" in inputs) == cloned
