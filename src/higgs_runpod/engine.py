@@ -114,6 +114,11 @@ class Engine:
         self._step: Callable[..., None] | None = None
 
     @property
+    def running(self) -> int:
+        """Requests holding a KV-cache slot now."""
+        return self._loop.running
+
+    @property
     def is_loaded(self) -> bool:
         return self.model is not None
 
