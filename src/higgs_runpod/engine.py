@@ -24,7 +24,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -41,28 +41,19 @@ from transformers import (
 
 from .errors import ModelNotFoundError, RequestError
 from .model_store import ensure_checkpoints
-from .sampler import ALL_FEATURES, AudioVocab, Features, RowSettings, features_of, sample
+from .sampler import ALL_FEATURES, AudioVocab, Features, SamplingParams, features_of, sample
 from .scheduler import DecodeLoop, Request
 from .settings import Settings
 from .slots import DecodeState, GraphedSteps, SlotCache, decode_step
 from .streaming import DelayAligner, receptive_field_frames
 from .voice_cache import VoiceCache, tokenizer_identity
 
+__all__ = ["Engine", "FrameCallback", "SamplingParams", "Synthesis", "resolve_device"]
+
 log = logging.getLogger(__name__)
 
 FrameCallback = Callable[[torch.Tensor], None]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 50
-    seed: int | None = None
-    max_new_tokens: int = 2048
-    ras_win_len: int = 7
-    ras_win_max_num_repeat: int = 2
 
 
 @dataclass(frozen=True)
@@ -256,18 +247,9 @@ class Engine:
         self.load()
         seed = params.seed if params.seed is not None else random.randrange(2**32)
         processor = self._processor
-        row = RowSettings(
-            seed=seed,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            ras_win_len=params.ras_win_len,
-            ras_win_max_num_repeat=params.ras_win_max_num_repeat,
-            max_new_tokens=params.max_new_tokens,
-        )
         request = Request(
             prepare=lambda: self._prepare(conversation),
-            settings=row,
+            settings=replace(params, seed=seed),
             aligner=DelayAligner(processor.audio_stream_bos_id, processor.audio_stream_eos_id),
             cancel=cancel,
             on_frames=on_frames,
@@ -401,7 +383,7 @@ class Engine:
         self._state.positions[slot] = request.prompt_tokens
         return first
 
-    def step(self, rows: int, length: int, settings: list[RowSettings]) -> torch.Tensor:
+    def step(self, rows: int, length: int, settings: list[SamplingParams]) -> torch.Tensor:
         assert self._step is not None
         if self.cuda_graphs:
             self._step(rows, length)  # graphs run every feature: one graph serves any mix

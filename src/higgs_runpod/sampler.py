@@ -36,16 +36,16 @@ _SPREAD = 0x61C88647
 
 
 @dataclass(frozen=True)
-class RowSettings:
-    """One request's sampling settings, as the engine received them."""
+class SamplingParams:
+    """One request's sampling settings (the engine draws a seed where none is given)."""
 
-    seed: int
-    temperature: float
-    top_k: int  # 0: off
-    top_p: float
-    ras_win_len: int  # 0: RAS off
-    ras_win_max_num_repeat: int
-    max_new_tokens: int
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 50  # 0: off
+    seed: int | None = None
+    max_new_tokens: int = 2048
+    ras_win_len: int = 7  # 0: RAS off
+    ras_win_max_num_repeat: int = 2
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class SamplingRows:
     def load(
         self,
         slot: int,
-        settings: RowSettings,
+        settings: SamplingParams,
         vocab: AudioVocab,
         prompt_ids: torch.Tensor,
         prompt_audio: torch.Tensor | None,
@@ -121,7 +121,7 @@ class SamplingRows:
         greedy = settings.temperature == 0.0
         top_k = settings.top_k if 0 < settings.top_k < vocab.codebook_size else 0
         values = {
-            "seed": settings.seed & _MASK32,
+            "seed": (settings.seed or 0) & _MASK32,
             "step": 0,
             "max_steps": settings.max_new_tokens,
             "sampling": not greedy,
@@ -181,7 +181,7 @@ class Features:
 ALL_FEATURES = Features()
 
 
-def features_of(settings: list[RowSettings], vocab: AudioVocab) -> Features:
+def features_of(settings: list[SamplingParams], vocab: AudioVocab) -> Features:
     sampled = [s for s in settings if s.temperature > 0.0]
     return Features(
         sampling=bool(sampled),

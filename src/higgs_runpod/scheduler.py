@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .errors import OutOfMemoryError
+from .sampler import SamplingParams
 from .streaming import DelayAligner
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Request:
     """One prompt to decode, with where its frames go and what cancels it."""
 
     prepare: Callable[[], Any]  # -> Prefill; run on the loop thread at admission
-    settings: Any  # sampler.RowSettings
+    settings: SamplingParams  # its seed resolved
     aligner: DelayAligner
     cancel: threading.Event | None = None
     on_frames: FrameCallback | None = None
@@ -82,7 +83,7 @@ class Decoded:
     generate_ms: float
 
 
-class Backend:
+class Backend(Protocol):
     """What the loop needs from the engine (see engine.Engine)."""
 
     slots: int
@@ -90,21 +91,18 @@ class Backend:
 
     def prefill(self, request: Request, slot: int) -> torch.Tensor:
         """Prefill `request` into `slot`; return its first step with the finished flag."""
-        raise NotImplementedError
+        ...
 
-    def step(self, rows: int, length: int, settings: list[Any]) -> torch.Tensor:
+    def step(self, rows: int, length: int, settings: list[SamplingParams]) -> torch.Tensor:
         """Launch a decode step for rows [0, rows) whose busy rows have these settings;
         return the device tensor holding its readback."""
-        raise NotImplementedError
+        ...
 
-    def deactivate(self, slot: int) -> None:
-        raise NotImplementedError
+    def deactivate(self, slot: int) -> None: ...
 
-    def activate(self, slot: int) -> None:
-        raise NotImplementedError
+    def activate(self, slot: int) -> None: ...
 
-    def release_memory(self) -> None:
-        raise NotImplementedError
+    def release_memory(self) -> None: ...
 
 
 class DecodeLoop:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import HiggsAudioV2ForConditionalGeneration
@@ -31,25 +32,17 @@ log = logging.getLogger(__name__)
 class SlotCache:
     """Preallocated keys and values; during a step the attention modules see `StepView`."""
 
-    def __init__(self, config: object, slots: int, context: int, dtype: torch.dtype,
+    def __init__(self, config: Any, slots: int, context: int, dtype: torch.dtype,
                  device: torch.device) -> None:  # fmt: skip
-        heads = config.num_key_value_heads  # type: ignore[attr-defined]
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
-        )
+        layers, heads, head_dim = _kv_shape(config)
         shape = (slots, heads, context, head_dim)
-        layers = config.num_hidden_layers  # type: ignore[attr-defined]
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.context = context
 
     @staticmethod
-    def bytes_per_token(config: object, dtype: torch.dtype) -> int:
-        heads = config.num_key_value_heads  # type: ignore[attr-defined]
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
-        )
-        layers = config.num_hidden_layers  # type: ignore[attr-defined]
+    def bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+        layers, heads, head_dim = _kv_shape(config)
         return 2 * layers * heads * head_dim * torch.finfo(dtype).bits // 8
 
     def fill(self, slot: int, prefill_cache: object) -> None:
@@ -58,6 +51,12 @@ class SlotCache:
             length = source.keys.shape[2]
             self.keys[layer][slot, :, :length] = source.keys[0]
             self.values[layer][slot, :, :length] = source.values[0]
+
+
+def _kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of a model config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim
 
 
 class StepView:
