@@ -1,16 +1,28 @@
-# syntax=docker/dockerfile:1
 # Higgs Audio v2 on RunPod serverless. Two targets from one file (see docs/issue-4.md):
 #   thin (default): Python, uv and the project; the runtime (torch, transformers, ...) is
 #                   installed by the bootstrap onto the network volume on the first start.
 #   full:           the same with the runtime installed at build time (about 5 GB more).
 # Model weights are in neither: they live on the network volume.
+# Supply chain (README, Security): the one base image is pinned by digest (`make pin-images`
+# refreshes it; Dependabot proposes updates), and everything fetched is hash-checked:
+# uv and the build backend from requirements-build.lock, the runtime from requirements.lock.
+# No `# syntax=` line: BuildKit's built-in Dockerfile frontend, not one pulled by tag.
 
-ARG PYTHON_IMAGE=python:3.11-slim-trixie
-ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.8
+# The base, named once, literally: Dependabot does not read images given through an ARG.
+FROM python:3.11-slim-trixie AS slim
 
-FROM ${UV_IMAGE} AS uv
+FROM slim AS build
+# uv and hatchling from hash-pinned wheels; the project's wheel is built offline with them.
+WORKDIR /build
+COPY requirements-build.lock pyproject.toml README.md ./
+COPY src ./src
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip install --no-cache-dir --require-hashes --no-deps \
+        --requirement requirements-build.lock \
+    && /opt/build/bin/pip wheel --no-cache-dir --no-index --no-deps --no-build-isolation \
+        --wheel-dir /dist .
 
-FROM ${PYTHON_IMAGE} AS base
+FROM slim AS base
 # DL3064 reads "TOKEN" in TOKENIZER_PATH as a secret; it is a directory path.
 # hadolint ignore=DL3064
 ENV PYTHONUNBUFFERED=1 \
@@ -22,12 +34,12 @@ ENV PYTHONUNBUFFERED=1 \
     VOLUME_PATH=/runpod-volume \
     RUNTIME_REQUIREMENTS=/app/requirements.lock \
     READY_FILE=/tmp/higgs-runpod/ready.json
-COPY --from=uv /uv /usr/local/bin/uv
+COPY --from=build /opt/build/bin/uv /usr/local/bin/uv
 WORKDIR /app
-COPY requirements.lock pyproject.toml README.md ./
-COPY src ./src
+COPY requirements.lock ./
+COPY --from=build /dist /tmp/dist
 # The project itself, without its dependencies: the bootstrap needs only the standard library.
-RUN uv pip install --system --no-deps /app && rm -rf /app/src
+RUN uv pip install --system --no-index --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist
 # The health check passes once the worker has loaded the model (higgs_runpod.health).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=15m --retries=3 \
     CMD ["python", "-m", "higgs_runpod.health"]

