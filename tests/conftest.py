@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +21,12 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
+import uvicorn
 
 from higgs_runpod.engine import Engine
 from higgs_runpod.handler import Worker
+from higgs_runpod.http_api import Service, create_app
+from higgs_runpod.http_guard import uvicorn_config
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.tiny import make_tiny_model
 from higgs_runpod.tiny_published import make_published_layout_model
@@ -141,6 +145,30 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self._log.close()
+
+
+class ThreadServer:
+    """`create_app` under uvicorn with the CLI's config, on a free loopback port."""
+
+    def __init__(self, settings: Settings, worker: Worker) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(settings, worker)
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings, "127.0.0.1", self.port))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    @property
+    def service(self) -> Service:
+        return self.app.app.state.service
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
 
 
 class LocalServer(ServerProcess):

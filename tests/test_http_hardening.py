@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,14 +18,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from pydantic import SecretStr
 
-from conftest import free_port
+from conftest import ThreadServer, free_port
 from higgs_runpod import audio
 from higgs_runpod.handler import Worker
-from higgs_runpod.http_api import Service, create_app
-from higgs_runpod.http_guard import listen_refusal, uvicorn_config
+from higgs_runpod.http_guard import listen_refusal
 from higgs_runpod.settings import Settings, load_settings
 from slow_client import SlowClient, request_head
 
@@ -34,30 +31,6 @@ KEY = "hardening-key-5309"
 BODY_TIMEOUT = 1.5
 HEADER_TIMEOUT = 1.0
 JSON = {"Content-Type": "application/json"}
-
-
-class ThreadServer:
-    """`create_app` under uvicorn with the CLI's config, on a free loopback port."""
-
-    def __init__(self, settings: Settings, worker: Worker) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(settings, worker)
-        self.server = uvicorn.Server(uvicorn_config(self.app, settings, "127.0.0.1", self.port))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-
-    @property
-    def service(self) -> Service:
-        return self.app.app.state.service
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
 
 
 def serve(settings: Settings, worker: Worker, **overrides: Any) -> ThreadServer:
