@@ -10,6 +10,7 @@ syllable of speech). Spans index into the request's original text.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -105,3 +106,17 @@ def _split_long(text: str, span: tuple[int, int], max_words: int) -> list[tuple[
         return [span]
     cuts = [words[i].start() for i in range(0, len(words), max_words)]
     return list(zip([span[0], *cuts[1:]], [*cuts[1:], span[1]], strict=True))
+
+
+def segment_end(text: str, max_words: int) -> tuple[int, int] | None:
+    """Where the first finished segment of text that is still arriving ends, as (end of the
+    segment, start of the rest): after a sentence end with something after it, or after
+    `max_words` words when a further word shows the last of them is whole; None if neither.
+    """
+    cuts = []
+    if (sentence := _SENTENCE_END.search(text)) is not None:
+        cuts.append((sentence.start(), sentence.end()))
+    words = list(itertools.islice(_WORD.finditer(text), max_words + 1))
+    if len(words) > max_words:
+        cuts.append((words[max_words - 1].end(), words[max_words].start()))
+    return min(cuts, default=None)

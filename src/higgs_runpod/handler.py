@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -68,7 +68,7 @@ class Speech:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """What a request asks the engine for, ready to generate."""
 
     chunks: list
@@ -155,11 +155,11 @@ class Worker:
         `cancel` lets a front whose caller went away stop the generation (see Engine).
         """
         started = time.perf_counter()
-        plan = await asyncio.to_thread(self._plan, request)
+        plan = await asyncio.to_thread(self.plan, request)
         resolve_ms = _ms_since(started)
         load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
         counter = _FrameCounter(progress, len(plan.chunks))
-        synthesis = await self._generate(plan, counter.frames, counter.chunk, cancel)
+        synthesis = await self.generate(plan, counter.frames, counter.chunk, cancel)
         decode_start = time.perf_counter()
         samples = await self.on_engine_thread(self._decode, synthesis.codes)
         decode_ms = _ms_since(decode_start)
@@ -204,7 +204,7 @@ class Worker:
     ) -> AsyncIterator[dict[str, Any]]:
         """Audio pieces as frames complete, then a summary with usage and timings."""
         started = time.perf_counter()
-        plan = await asyncio.to_thread(self._plan, request)
+        plan = await asyncio.to_thread(self.plan, request)
         resolve_ms = _ms_since(started)
         load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
         loop = asyncio.get_running_loop()
@@ -215,7 +215,7 @@ class Worker:
             counter.frames(frames)
             loop.call_soon_threadsafe(arrived.put_nowait, frames)
 
-        generation = asyncio.ensure_future(self._generate(plan, on_frames, counter.chunk, cancel))
+        generation = asyncio.ensure_future(self.generate(plan, on_frames, counter.chunk, cancel))
         generation.add_done_callback(lambda _: arrived.put_nowait(None))
         hop = self._hop
         decoder = PieceDecoder(self.engine.decode_codes, self.engine.decoder_context_frames, hop)
@@ -252,12 +252,13 @@ class Worker:
                **_summary(synthesis, request.format, request.sample_rate, duration_s, timings,
                           self.engine.frame_rate)}  # fmt: skip
 
-    async def _generate(
+    async def generate(
         self,
-        plan: _Plan,
+        plan: Plan,
         on_frames: Callable[[torch.Tensor], None] | None,
         on_chunk: Callable[[int], None] | None,
         cancel: threading.Event | None = None,
+        history: Sequence[tuple[str, torch.Tensor]] = (),
     ) -> LongSynthesis:
         """Generate off the event loop; a cancelled job stops generation within a step.
 
@@ -270,14 +271,14 @@ class Worker:
                 self._generation_threads, partial(
                     synthesize_chunks, self.engine, plan.chunks, plan.make_conversation,
                     plan.params, plan.context_chunks, cancel=cancel, on_frames=on_frames,
-                    on_chunk=on_chunk,
+                    on_chunk=on_chunk, history=history,
                 ),
             )  # fmt: skip
         except asyncio.CancelledError:
             cancel.set()
             raise
 
-    def _plan(self, request: SpeechRequest) -> _Plan:
+    def plan(self, request: SpeechRequest) -> Plan:
         """Resolve voices (downloads and decoding happen here) and split the text."""
         resolve = self.voices.resolve
         voice = resolve(request.voice, "voice") if request.voice is not None else None
@@ -292,7 +293,7 @@ class Worker:
                 text, scene=request.scene, voice=voice, speakers=speakers, history=history
             )
 
-        return _Plan(
+        return Plan(
             chunks=split_text(request.text, request.chunking),
             make_conversation=make_conversation,
             params=SamplingParams(

@@ -4,6 +4,7 @@ The HTTP layer only translates; the audio comes from the same `Worker.speak` as 
 
     POST /v1/audio/speech --openai_schema--> SpeechRequest --Worker.stream--> pieces
          --AudioStream--> chunked audio bytes, or SSE speech.audio.delta / speech.audio.done
+    GET /v1/audio/speech/stream (WebSocket): text in as it is written, audio out (speech_ws)
 
 Keys, content types and bodies are checked first (`http_guard`, which also bounds sockets).
 Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` from the
@@ -37,6 +38,7 @@ from .http_metrics import CONTENT_TYPE, CountRequests, Metrics
 from .openai_schema import MODEL_ALIASES, MODEL_ID, OPENAI_VOICES, map_voice, parse_openai_speech
 from .schema import SpeechRequest
 from .settings import Settings
+from .speech_ws import STREAM_ROUTE, speech_stream
 from .voices import list_library
 
 log = logging.getLogger(__name__)
@@ -238,6 +240,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         return StreamingResponse(pieces, media_type=media_type, headers=headers)
 
     app.include_router(api)
+    app.add_api_websocket_route(STREAM_ROUTE, speech_stream)  # checks its key itself
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:

@@ -20,9 +20,9 @@ from functools import partial
 from typing import Any
 
 import uvicorn
-from fastapi import Request
+from fastapi import Request, WebSocket
 from fastapi.responses import JSONResponse
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -68,20 +68,37 @@ def bearer_allowed(settings: Settings) -> bool:
 
 async def authorize(request: Request) -> None:
     """A dependency: the caller's key, from X-API-Key (or the Bearer form where allowed)."""
-    settings: Settings = request.app.state.service.settings
+    refusal = key_refusal(request, request.app.state.service.settings)
+    if refusal is not None:
+        raise ApiError(401, refusal, code="invalid_api_key")
+
+
+def key_refusal(
+    connection: HTTPConnection, settings: Settings, offered: str | None = None
+) -> str | None:
+    """Why `connection` may not use the API (no or a wrong key), or None when it may.
+
+    `offered` is a key the caller sent another way: a WebSocket's Sec-WebSocket-Protocol
+    value, since browsers cannot set headers on a WebSocket.
+    """
     if settings.higgs_api_key is None:
-        return
+        return None
     bearer = bearer_allowed(settings)
-    given = request.headers.get("x-api-key")
+    given = connection.headers.get("x-api-key")
     if given is None and bearer:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = connection.headers.get("authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else None
     expected = settings.higgs_api_key.get_secret_value().encode()
-    if given is None or not hmac.compare_digest(given.encode(), expected):
-        how = "'X-API-Key: <HIGGS_API_KEY>'"
-        if bearer:
-            how += " or 'Authorization: Bearer <HIGGS_API_KEY>'"
-        raise ApiError(401, f"missing or wrong API key: send {how}", code="invalid_api_key")
+    if any(
+        key is not None and hmac.compare_digest(key.encode(), expected) for key in (given, offered)
+    ):
+        return None
+    how = "'X-API-Key: <HIGGS_API_KEY>'"
+    if bearer:
+        how += " or 'Authorization: Bearer <HIGGS_API_KEY>'"
+    if isinstance(connection, WebSocket):
+        how += " or the key as the WebSocket subprotocol"
+    return f"missing or wrong API key: send {how}"
 
 
 def require_json(request: Request) -> None:
@@ -193,6 +210,12 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             self._await_headers(after=finished)
 
+    def handle_websocket_upgrade(self, event: Any) -> None:
+        """A WebSocket has its own bounds (WS_IDLE_TIMEOUT_S, pings): no header deadline."""
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().handle_websocket_upgrade(event)
+
     def _await_headers(self, after: object) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
@@ -214,6 +237,9 @@ def uvicorn_config(app: ASGIApp, settings: Settings, host: str, port: int) -> uv
         # uvicorn counts the connection asking too: +1 serves exactly HTTP_MAX_CONNECTIONS.
         limit_concurrency=settings.http_max_connections + 1,
         timeout_keep_alive=settings.http_keep_alive_s,
+        # A WebSocket config may carry a reference clip; audio does not compress.
+        ws_max_size=settings.http_max_body_bytes,
+        ws_per_message_deflate=False,
         log_level="info",
         access_log=False,
     )

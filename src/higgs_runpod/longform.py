@@ -60,11 +60,16 @@ def synthesize_chunks(
     cancel: threading.Event | None = None,
     on_frames: FrameCallback | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    history: Sequence[tuple[str, torch.Tensor]] = (),
 ) -> LongSynthesis:
-    """Generate `chunks` in order; raises `GenerationCancelled` if `cancel` is set meanwhile."""
+    """Generate `chunks` in order; raises `GenerationCancelled` if `cancel` is set meanwhile.
+
+    `history` holds (text, codes) said before the first chunk, as context (a WebSocket
+    session's earlier segments).
+    """
     if params.seed is None and len(chunks) > 1:  # one seed for every chunk of a long text
         params = replace(params, seed=random.randrange(2**32))
-    history: list[tuple[str, torch.Tensor]] = []
+    history = list(history)
     first_seed = 0
     reports: list[ChunkReport] = []
     codes: list[torch.Tensor] = []

@@ -265,6 +265,27 @@ class Settings(BaseSettings):
         ge=1,
         description="Open connections at once; a request on a connection beyond it gets HTTP 503.",
     )
+    ws_max_message_chars: int = Field(
+        default=4000,
+        ge=1,
+        description='Longest text in one WebSocket `{"text"}` message (/v1/audio/speech/stream).',
+    )
+    ws_max_buffered_chars: int = Field(
+        default=8000,
+        ge=1,
+        description="Text a WebSocket session may hold waiting to be spoken; more ends it.",
+    )
+    ws_max_session_frames: int = Field(
+        default=45_000,
+        ge=1,
+        description="Audio frames (40 ms each) one WebSocket session may generate in all.",
+    )
+    ws_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a WebSocket session may wait for its config or its next message "
+        "while it has nothing to generate or send; it is closed after it.",
+    )
 
     @field_validator("higgs_api_key", mode="before")
     @classmethod
