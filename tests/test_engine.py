@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from higgs_runpod.engine import Engine, SamplingParams, resolve_device
 from higgs_runpod.errors import OutOfMemoryError, RequestError
 from higgs_runpod.prompts import build_conversation
 from higgs_runpod.settings import load_settings
+from higgs_runpod.voices import ReferenceClip
 
 # RAS resamples repeated codes at random even when greedy, so greedy runs switch it off.
 GREEDY = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=30)
@@ -126,3 +130,192 @@ def test_calls_from_many_threads_all_finish(engine: Engine) -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert sorted(results) == list(range(12))
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+class Staggered:
+    """Requests started one after another, each once the frames produced so far (by any
+    of them) reach its mark, so that every row joins the batch at another step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.frames, self.lock = engine, 0, threading.Lock()
+        self.marks: list[tuple[int, threading.Event]] = []
+        self.threads: list[threading.Thread] = []
+        self.results: dict[str, object] = {}
+
+    def count(self, frames: torch.Tensor) -> None:
+        with self.lock:
+            self.frames += frames.shape[0]
+            for mark, event in self.marks:
+                if self.frames >= mark:
+                    event.set()
+
+    def start(self, name: str, at: int, run: Callable[[], object]) -> None:
+        event = threading.Event()
+        self.marks.append((at, event))
+        if at <= 0:
+            event.set()
+
+        def target() -> None:
+            event.wait(timeout=60)
+            try:
+                self.results[name] = run()
+            except Exception as error:
+                self.results[name] = error
+
+        self.threads.append(threading.Thread(target=target))
+        self.threads[-1].start()
+
+    def join(self) -> dict[str, object]:
+        for thread in self.threads:
+            thread.join(timeout=120)
+        return self.results
+
+
+SAMPLED = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, ras_win_len=7,
+                         ras_win_max_num_repeat=2, max_new_tokens=40)  # fmt: skip
+
+
+def test_a_seeded_request_draws_the_same_codes_alone_and_among_seven_others(
+    engine: Engine,
+) -> None:
+    target = SamplingParams(**{**SAMPLED.__dict__, "seed": 4242})
+    text = build_conversation("The same words, sampled.")
+    alone = engine.synthesize(text, target, decode=False)
+    runs = Staggered(engine)
+    for index, at in enumerate([0, 2, 4, 7, 11, 16, 22]):  # the target joins at 9
+        params = SamplingParams(**{**SAMPLED.__dict__, "seed": index,
+                                   "temperature": 0.8 if index % 2 else 1.0,
+                                   "max_new_tokens": 30 + 7 * index})  # fmt: skip
+        conversation = build_conversation(f"Another request, number {index}.")
+        runs.start(f"other {index}", at, lambda c=conversation, p=params: engine.synthesize(
+            c, p, on_frames=runs.count, decode=False))  # fmt: skip
+    runs.start("target", 9, lambda: engine.synthesize(text, target, decode=False))
+    results = runs.join()
+    assert len(results) == 8 and not [r for r in results.values() if isinstance(r, Exception)]
+    assert torch.equal(results["target"].codes, alone.codes)  # type: ignore[attr-defined]
+
+
+def test_two_hundred_short_jobs_with_cancellations_free_every_slot_and_keep_memory_flat(
+    engine: Engine,
+) -> None:
+    """Jobs from 8 threads; every third is cancelled, before it starts or while it runs."""
+
+    steps: dict[int, int] = {}
+
+    def job(index: int) -> None:
+        cancel = threading.Event()
+        if index % 6 == 0:
+            cancel.set()  # cancelled while waiting for a slot
+        frames = (lambda f: cancel.set()) if index % 6 == 3 else None  # cancelled running
+        params = SamplingParams(seed=index, max_new_tokens=12 + index % 9)
+        steps[index] = engine.synthesize(build_conversation(f"Job {index}"), params,
+                                         cancel=cancel, on_frames=frames,
+                                         decode=False).generated_tokens  # fmt: skip
+
+    def batch(indices: range) -> None:
+        threads = [threading.Thread(target=lambda i=i: [job(j) for j in range(i, indices.stop, 8)])
+                   for i in range(indices.start, indices.start + 8)]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+
+    batch(range(0, 40))  # warm-up: allocator pools and kernels settle
+    before = _rss_mb()
+    batch(range(40, 200))
+    grown = _rss_mb() - before
+    assert engine.running == 0
+    assert sorted(steps) == list(range(200))
+    for index, taken in steps.items():
+        wanted = {0: [0], 3: range(1, 12)}.get(index % 6, [12 + index % 9])
+        assert taken in wanted, (index, taken)
+    assert grown < 30, f"resident memory grew {grown:.1f} MB over 160 jobs"
+    # Every slot is usable again: 8 at once all finish.
+    results: list[int] = []
+    runs = [threading.Thread(target=lambda i=i: results.append(engine.synthesize(
+        build_conversation("Again"), GREEDY, decode=False).generated_tokens)) for i in range(8)]  # fmt: skip
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join(timeout=120)
+    assert results == [30] * 8
+
+
+def test_a_failing_prefill_fails_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one request decodes, a clip the audio tokenizer cannot encode (no samples)
+    and a prefill that runs out of memory (no GPU here: the model's forward, which only
+    prefill uses, raises CUDA's error) each fail alone; the running request's codes are
+    those it has alone."""
+    long = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=60)
+    text = build_conversation("A long one that keeps going.")
+    alone = engine.synthesize(text, long, decode=False)
+    forward = engine.model.forward
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def after_prefill(frames: torch.Tensor) -> None:
+        runs.count(frames)
+        if runs.frames >= 2:
+            monkeypatch.setattr(engine.model, "forward", out_of_memory)
+
+    runs = Staggered(engine)
+    runs.start("long", 0, lambda: engine.synthesize(text, long, on_frames=after_prefill,
+                                                     decode=False))  # fmt: skip
+    runs.start("out of memory", 3, lambda: engine.synthesize(build_conversation("Hi"), GREEDY))
+    results = runs.join()
+    monkeypatch.setattr(engine.model, "forward", forward)
+    silent = ReferenceClip(np.zeros(0, dtype=np.float32), "Nothing at all.")
+    runs = Staggered(engine)
+    runs.start("long", 0, lambda: engine.synthesize(text, long, on_frames=runs.count,
+                                                     decode=False))  # fmt: skip
+    runs.start("bad clip", 3, lambda: engine.synthesize(
+        build_conversation("Hi", voice=silent), GREEDY))  # fmt: skip
+    results_clip = runs.join()
+    assert isinstance(results["out of memory"], OutOfMemoryError)
+    assert isinstance(results_clip["bad clip"], RuntimeError)
+    for outcome in (results["long"], results_clip["long"]):
+        assert torch.equal(outcome.codes, alone.codes)  # type: ignore[union-attr]
+
+
+def test_out_of_memory_in_a_decode_step_evicts_the_newest(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: the step raises CUDA's error once, as a step that needed more memory
+    than was free would; the newest of the three running requests stops with a clear
+    error, the other two carry on with the codes they have alone."""
+    long = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=50)
+    texts = {name: build_conversation(f"Request {name}.") for name in ("first", "second", "third")}
+    alone = {name: engine.synthesize(text, long, decode=False) for name, text in texts.items()}
+    step = engine.step
+    armed = threading.Event()
+
+    def failing_step(rows: int, length: int, settings: list[SamplingParams]) -> torch.Tensor:
+        if armed.is_set() and len(settings) == 3:
+            armed.clear()
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return step(rows, length, settings)
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    runs = Staggered(engine)
+
+    def counted(frames: torch.Tensor) -> None:
+        runs.count(frames)
+        if runs.frames >= 14:
+            armed.set()
+
+    for name, at in zip(texts, [0, 3, 8], strict=True):
+        runs.start(name, at, lambda t=texts[name]: engine.synthesize(
+            t, long, on_frames=counted, decode=False))  # fmt: skip
+    results = runs.join()
+    assert isinstance(results["third"], OutOfMemoryError)
+    assert "newest" in str(results["third"])
+    for name in ("first", "second"):
+        assert torch.equal(results[name].codes, alone[name].codes)  # type: ignore[union-attr]
