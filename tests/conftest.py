@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -94,6 +95,17 @@ def make_wav(seconds: float = 1.0, sample_rate: int = 24_000, freq: float = 220.
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def decoded(data: bytes, audio_format: str, rate: int) -> np.ndarray:
+    """16-bit samples as FFmpeg decodes them (pcm is raw, so read it as such)."""
+    if audio_format == "pcm":
+        return np.frombuffer(data, "<i2")
+    with av.open(io.BytesIO(data)) as container:
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        frames = [*container.decode(audio=0), None]  # None flushes the resampler
+        out = [f.to_ndarray().reshape(-1) for fr in frames for f in resampler.resample(fr)]
+    return np.concatenate(out) if out else np.zeros(0, "<i2")
 
 
 def free_port() -> int:

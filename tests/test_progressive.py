@@ -3,29 +3,16 @@ joined pieces the same file as one encode of the whole clip (decoded back with F
 
 from __future__ import annotations
 
-import io
-
-import av
 import numpy as np
 import pytest
 
+from conftest import decoded
 from higgs_runpod.progressive import ProgressiveEncoder, encode
 
 RATE = 24_000
 TONE = (0.3 * np.sin(2 * np.pi * 220 * np.arange(2 * RATE) / RATE)).astype(np.float32)
 CUTS = [4800, 4800 + 24_000, 4800 + 2 * 12_000 + 100]  # 200 ms, then uneven pieces
 FORMATS = ["wav", "flac", "mp3", "opus", "aac", "pcm"]
-
-
-def decoded(data: bytes, audio_format: str, rate: int) -> np.ndarray:
-    """16-bit samples as FFmpeg decodes them (pcm is raw, so read it as such)."""
-    if audio_format == "pcm":
-        return np.frombuffer(data, "<i2")
-    with av.open(io.BytesIO(data)) as container:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-        frames = [*container.decode(audio=0), None]  # None flushes the resampler
-        out = [f.to_ndarray().reshape(-1) for fr in frames for f in resampler.resample(fr)]
-    return np.concatenate(out) if out else np.zeros(0, "<i2")
 
 
 def streamed(audio_format: str, rate: int, speed: float) -> list[bytes]:

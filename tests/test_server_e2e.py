@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import LocalServer, b64, make_wav
+from conftest import LocalServer, b64, decoded, make_wav
 
 FRAME_S = 0.04
 CLIP = make_wav(seconds=1.0, freq=180.0)
@@ -50,13 +50,6 @@ def probe(data: bytes) -> tuple[int, int, float]:
             stream.codec_context.channels,
             samples / stream.codec_context.sample_rate,
         )
-
-
-def pcm(data: bytes) -> np.ndarray:
-    with av.open(io.BytesIO(data)) as container:
-        return np.concatenate(
-            [frame.to_ndarray().reshape(-1) for frame in container.decode(audio=0)]
-        ).astype(np.int32)
 
 
 def completed(server: LocalServer, job_input: dict) -> dict:
@@ -194,13 +187,15 @@ def test_private_addresses_refused_by_default(
 
 @pytest.mark.parametrize(
     ("audio_format", "speed"),
-    [("wav", 1.0), ("flac", 1.0), ("mp3", 1.0), ("opus", 1.0), ("aac", 1.0), ("mp3", 1.5)],
-)
+    [("wav", 1.0), ("flac", 1.0), ("mp3", 1.0), ("opus", 1.0), ("aac", 1.0), ("pcm", 1.0),
+     ("mp3", 1.5)],
+)  # fmt: skip
 def test_stream_through_the_local_api_server(
     streaming_server: LocalServer, audio_format: str, speed: float
 ) -> None:
-    """Each /stream piece continues the file: every prefix plays, and the joined pieces
-    decode to the non-streamed file's samples (same length, within one 16-bit step)."""
+    """Each /stream piece continues the file and the first leaves while the engine still
+    generates: every prefix plays, and the joined pieces decode to the non-streamed file's
+    samples (same length, within one 16-bit step)."""
     job = {"text": "Streaming over HTTP.", "seed": 9, "max_new_tokens": 45,
            "format": audio_format, "speed": speed}  # fmt: skip
     job_id = httpx.post(
@@ -210,22 +205,30 @@ def test_stream_through_the_local_api_server(
     assert streamed["status"] == "COMPLETED", streamed
     *pieces, summary = [item["output"] for item in streamed["stream"]]
     assert summary["done"] and summary["pieces"] == len(pieces) > 1
+    # The first piece left before generation ended (its start: load, prepare, then decode steps).
+    timings = summary["timings_ms"]
+    assert 0 < timings["first_audio"] < timings["load"] + timings["prepare"] + timings["generate"]
     audio = [base64.b64decode(piece["audio_base64"]) for piece in pieces]
-    played = [probe(b"".join(audio[:end]))[2] for end in range(1, len(audio) + 1)]
+    played = [len(decoded(b"".join(audio[:end]), audio_format, 24_000))
+              for end in range(1, len(audio) + 1)]  # fmt: skip
     assert played == sorted(played) and played[0] > 0
     joined = b"".join(audio)
-    rate, channels, seconds = probe(joined)
-    assert channels == 1 and rate == (48_000 if audio_format == "opus" else 24_000)
+    if audio_format != "pcm":
+        rate, channels, _ = probe(joined)
+        assert channels == 1 and rate == (48_000 if audio_format == "opus" else 24_000)
     expected = summary["usage"]["audio_frames"] * FRAME_S / speed
-    assert seconds == pytest.approx(expected, abs=0.02 if audio_format == "wav" else 0.12)
+    tolerance = 0.02 if audio_format in ("wav", "pcm") else 0.12
+    assert played[-1] / 24_000 == pytest.approx(expected, abs=tolerance)
     assert sum(piece["frames"] for piece in pieces) == summary["usage"]["audio_frames"]
     # The same request without stream: the generator handler's one output, the whole file.
     whole = streaming_server.runsync(job)
     assert whole["status"] == "COMPLETED"
     [output] = whole["output"]
-    plain, joined_pcm = pcm(base64.b64decode(output["audio_base64"])), pcm(joined)
+    plain = decoded(base64.b64decode(output["audio_base64"]), audio_format, 24_000)
+    joined_pcm = decoded(joined, audio_format, 24_000)
     assert len(plain) == len(joined_pcm)
-    assert np.abs(plain - joined_pcm).max() <= 1  # one step of 16-bit rounding at most
+    # one step of 16-bit rounding at most
+    assert np.abs(plain.astype(np.int32) - joined_pcm.astype(np.int32)).max() <= 1
 
 
 def test_stream_errors_come_as_the_output(streaming_server: LocalServer) -> None:
