@@ -50,9 +50,13 @@ def assert_no_secret(*texts: str) -> None:
         assert "X-Amz-Signature" not in text
 
 
+# A request's s3Config.endpointUrl gets audio_url's rules: these let it reach moto on loopback.
+LOOPBACK_STORES = {"ALLOW_HTTP_AUDIO_URLS": "1", "OUTBOUND_ALLOWED_NETWORKS": "127.0.0.1/32"}
+
+
 @pytest.fixture
 def s3_worker(engine: Engine, base_env: dict, s3_env: dict) -> Worker:
-    return make_worker(engine, {**base_env, **s3_env})
+    return make_worker(engine, {**base_env, **s3_env, **LOOPBACK_STORES})
 
 
 def test_upload_end_to_end_presigned_url_decodes(
@@ -293,7 +297,16 @@ def test_no_s3_settings_is_quietly_inline(caplog: pytest.LogCaptureFixture) -> N
         ({"accessId": "a", "accessSecret": 5, "bucketName": "c"}, "s3Config.accessSecret",
          "must be a string"),
         ({"accessId": "a", "accessSecret": "b", "bucketName": "c", "endpointUrl": "file:///x"},
-         "s3Config.endpointUrl", "must be an http:// or https:// URL"),
+         "s3Config.endpointUrl", "must be an https or http URL"),
+        ({"accessId": "a", "accessSecret": "b", "bucketName": "c",
+          "endpointUrl": "http://127.0.0.2:9/"},
+         "s3Config.endpointUrl", "resolves to a private or loopback address"),
+        ({"accessId": "a", "accessSecret": "b", "bucketName": "c",
+          "endpointUrl": "http://[::ffff:169.254.169.254]/"},
+         "s3Config.endpointUrl", "resolves to a private or loopback address"),
+        ({"accessId": "a", "accessSecret": "b", "bucketName": "c",
+          "endpointUrl": "http://127.0.0.1:99999/"},
+         "s3Config.endpointUrl", "has port 99999; a port is 1 to 65535"),
     ],
 )  # fmt: skip
 def test_s3config_is_validated_before_any_model_work(
@@ -333,3 +346,33 @@ def test_object_key_names_the_job(prefix: str, job_id: str, key: str) -> None:
 
 def test_object_key_without_job_id_is_unique() -> None:
     assert object_key("p", None, "mp3") != object_key("p", None, "mp3")
+
+
+def test_s3config_endpoint_needs_https_by_default(engine: Engine, base_env: dict) -> None:
+    """Without the opt-ins, a caller's endpoint must be https and public (as audio_url)."""
+    s3_config = {"accessId": "a", "accessSecret": "b", "bucketName": "c",
+                 "endpointUrl": "http://127.0.0.1:9/"}  # fmt: skip
+    result = run(make_worker(engine, base_env), {"id": "j", "input": TEXT, "s3Config": s3_config})
+    assert result == {"error": "s3Config.endpointUrl: must be an https URL"}
+
+
+def test_an_endpoints_own_error_code_is_not_echoed(
+    s3_worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that is not S3 answers with a code and a message of its own: the caller
+    learns only that the store refused; the code stays in the log."""
+    from abuse_cases import HostileServer
+
+    hostile = HostileServer()
+    try:
+        s3_config = {"accessId": "a", "accessSecret": "b", "bucketName": "c",
+                     "endpointUrl": f"{hostile.url}/s3/"}  # fmt: skip
+        caplog.set_level(logging.INFO)
+        result = run(s3_worker, {"id": "j", "input": TEXT, "s3Config": s3_config})
+    finally:
+        hostile.close()
+    assert set(result) == {"error"}
+    assert "the store refused the upload" in result["error"]
+    assert "InternalCode-db7" not in result["error"]
+    assert "hunter2" not in result["error"]
+    assert "InternalCode-db7" in worker_log(caplog)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import threading
 from collections.abc import Iterator
@@ -113,8 +114,10 @@ def test_bad_inline_clips(voices_dir: Path, data: str, env: dict, message: str) 
 
 
 def test_clip_from_url(open_resolver: VoiceResolver, clip_server: str) -> None:
-    voice = open_resolver.resolve(
-        CloneFromUrl(audio_url=f"{clip_server}/clip.wav", transcript="t"), "voice"
+    voice = asyncio.run(
+        open_resolver.resolve_async(
+            CloneFromUrl(audio_url=f"{clip_server}/clip.wav", transcript="t"), "voice"
+        )
     )
     assert isinstance(voice, ReferenceClip)
     assert len(voice.samples) == 24_000
@@ -125,14 +128,15 @@ def test_clip_from_url(open_resolver: VoiceResolver, clip_server: str) -> None:
     [
         ("/big.wav", "larger than 1000000 bytes"),
         ("/missing.wav", "HTTP 404"),
-        ("/slow.wav", "timed out after 1 s"),
+        ("/slow.wav", "download did not finish within 1 s"),
     ],
 )
 def test_url_failures(
     open_resolver: VoiceResolver, clip_server: str, path: str, message: str
 ) -> None:
+    voice = CloneFromUrl(audio_url=clip_server + path, transcript="t")
     with pytest.raises(RequestError, match=message):
-        open_resolver.resolve(CloneFromUrl(audio_url=clip_server + path, transcript="t"), "voice")
+        asyncio.run(open_resolver.resolve_async(voice, "voice"))
 
 
 @pytest.mark.parametrize(
@@ -150,8 +154,9 @@ def test_url_failures(
 def test_urls_refused_before_any_request(
     voices_dir: Path, url: str, env: dict, message: str
 ) -> None:
+    voice = CloneFromUrl(audio_url=url, transcript="t")
     with pytest.raises(RequestError, match=message):
-        resolver(voices_dir, **env).resolve(CloneFromUrl(audio_url=url, transcript="t"), "voice")
+        asyncio.run(resolver(voices_dir, **env).resolve_async(voice, "voice"))
 
 
 def test_unknown_voice_lists_at_most_20_names(settings: Settings, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from .schema import SpeechRequest, parse_request
 from .settings import Settings, load_settings
 from .storage import Storage
 from .streaming import PieceDecoder, decode_as_streamed
-from .voices import ReferenceClip, VoiceResolver, list_library
+from .voices import ReferenceClip, ResolvedVoice, VoiceResolver, list_library
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ class Worker:
     async def _respond(self, job: dict[str, Any], request: SpeechRequest) -> dict[str, Any]:
         """One job's complete response: the audio delivered inline or to S3, and metadata."""
         # RunPod passes s3Config at the top level of the job, beside input.
-        delivery = self.storage.plan(request.output, job.get("s3Config"))
+        # A caller's endpointUrl is looked up and judged (outbound.py): a thread, not the loop.
+        delivery = await asyncio.to_thread(self.storage.plan, request.output, job.get("s3Config"))
         speech = await self.speak(request, progress=_progress_reporter(job))
         delivered = await self.storage.deliver(delivery, speech.audio, speech.format, job.get("id"))
         return {**delivered, **speech.metadata()}
@@ -155,7 +156,7 @@ class Worker:
         `cancel` lets a front whose caller went away stop the generation (see Engine).
         """
         started = time.perf_counter()
-        plan = await asyncio.to_thread(self.plan, request)
+        plan = await self.plan(request)
         resolve_ms = _ms_since(started)
         load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
         counter = _FrameCounter(progress, len(plan.chunks))
@@ -204,7 +205,7 @@ class Worker:
     ) -> AsyncIterator[dict[str, Any]]:
         """Audio pieces as frames complete, then a summary with usage and timings."""
         started = time.perf_counter()
-        plan = await asyncio.to_thread(self.plan, request)
+        plan = await self.plan(request)
         resolve_ms = _ms_since(started)
         load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
         loop = asyncio.get_running_loop()
@@ -278,15 +279,25 @@ class Worker:
             cancel.set()
             raise
 
-    def plan(self, request: SpeechRequest) -> Plan:
-        """Resolve voices (downloads and decoding happen here) and split the text."""
-        resolve = self.voices.resolve
-        voice = resolve(request.voice, "voice") if request.voice is not None else None
-        speakers = (
-            {tag: resolve(v, f"speakers.{tag}") for tag, v in request.speakers.items()}
-            if request.speakers
-            else None
-        )
+    async def plan(self, request: SpeechRequest) -> Plan:
+        """Resolve voices (downloads on the event loop, decoding in threads), then split the
+        text in a thread."""
+        resolve = self.voices.resolve_async
+        voice = await resolve(request.voice, "voice") if request.voice is not None else None
+        speakers = None
+        if request.speakers:
+            speakers = {
+                tag: await resolve(v, f"speakers.{tag}") for tag, v in request.speakers.items()
+            }
+        return await asyncio.to_thread(self._plan, request, voice, speakers)
+
+    def _plan(
+        self,
+        request: SpeechRequest,
+        voice: ResolvedVoice | None,
+        speakers: dict[str, ResolvedVoice] | None,
+    ) -> Plan:
+        """Split the text and fix what generation needs."""
 
         def make_conversation(text: str, history: Any) -> list[dict[str, Any]]:
             return build_conversation(

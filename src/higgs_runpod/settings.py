@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -65,10 +66,29 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(default=2048, ge=1)
     max_ref_audio_bytes: int = Field(default=10_000_000, ge=1)
     max_ref_audio_seconds: float = Field(default=30.0, gt=0)
-    audio_url_timeout_s: float = Field(default=15.0, gt=0)
-    allow_http_audio_urls: bool = Field(default=False, description="Allow plain http:// URLs.")
+    audio_url_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Deadline of a whole audio_url download: resolving, connecting and every byte.",
+    )
+    audio_url_min_bytes_per_s: int = Field(
+        default=32_000,
+        ge=0,
+        description="Slowest average rate an audio_url download may keep after its first "
+        "2 seconds; 0: no minimum.",
+    )
+    allow_http_audio_urls: bool = Field(
+        default=False, description="Allow plain http:// audio_url and s3Config.endpointUrl."
+    )
     allow_private_audio_urls: bool = Field(
-        default=False, description="Allow URLs that resolve to private or loopback addresses."
+        default=False,
+        description="Allow audio_url and s3Config.endpointUrl to reach any address, private "
+        "and loopback included.",
+    )
+    outbound_allowed_networks: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = Field(
+        default=(),
+        description="Networks (comma-separated CIDRs, as `10.0.0.0/8,::1/128`) that "
+        "audio_url and s3Config.endpointUrl may reach although they are private.",
     )
     enable_streaming: bool = Field(
         default=False,
@@ -292,6 +312,16 @@ class Settings(BaseSettings):
     def _blank_key_is_no_key(cls, value: object) -> object:
         """An empty HIGGS_API_KEY (an unset RunPod secret) means no key, not the key ""."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("outbound_allowed_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: object) -> object:
+        """`10.0.0.0/8,::1/128` (an env var) or a sequence of CIDRs."""
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(ip_network(item) for item in value)
+        return value
 
     @field_validator("openai_voice_map", mode="before")
     @classmethod

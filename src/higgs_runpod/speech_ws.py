@@ -159,7 +159,7 @@ class Session:
         self.seed = request.seed if request.seed is not None else random.randrange(2**32)
         self.config["seed"] = self.seed  # every segment the same seed, as a long text's chunks
         self.request = request.model_copy(update={"seed": self.seed})
-        return await asyncio.to_thread(self.worker.plan, self.request)
+        return await self.worker.plan(self.request)
 
     async def _stream(self, plan: Plan) -> None:
         tasks = [

@@ -33,6 +33,7 @@ from pydantic import SecretStr
 
 from . import audio
 from .errors import DeliveryError, RequestError
+from .outbound import OutboundGuard
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,9 @@ def bucket_from_s3_config(s3_config: Any, settings: Settings) -> Bucket:
         if field != "endpointUrl" and not values[field]:
             raise RequestError(f"s3Config.{field}", "is required")
     endpoint = values["endpointUrl"]
-    if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
-        raise RequestError("s3Config.endpointUrl", "must be an http:// or https:// URL")
+    if endpoint:  # the caller's endpoint gets audio_url's rules (boto3 looks the name up again)
+        guard = OutboundGuard(settings)
+        guard.addresses(guard.url(endpoint, "s3Config.endpointUrl"), "s3Config.endpointUrl")
     endpoint, host_bucket, host_region = _split_aws_endpoint(endpoint)
     return Bucket(
         name=values["bucketName"] or host_bucket or "",
@@ -222,11 +224,13 @@ def upload(bucket: Bucket, key: str, data: bytes, content_type: str, expires_s: 
         details = error.response.get("Error", {})
         code = str(details.get("Code", "error"))
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        hint = _S3_ERROR_HINTS.get(code, "the store refused the upload")
-        log.error("upload to bucket %r failed: %s (HTTP %s)", bucket.name, code, status)
+        log.error("upload to bucket %r failed: %.100r (HTTP %s)", bucket.name, code, status)
+        # Only S3's own codes go back: any other code or text came from whatever server
+        # the endpoint is, and is the log's to keep.
+        hint = _S3_ERROR_HINTS.get(code)
+        said = f"{hint} ({code}, HTTP {status})" if hint else "the store refused the upload"
         raise DeliveryError(
-            f"uploading the audio to bucket {bucket.name!r} failed: {hint} "
-            f"({code}, HTTP {status}); check {bucket.source}"
+            f"uploading the audio to bucket {bucket.name!r} failed: {said}; check {bucket.source}"
         ) from None
     except BotoCoreError as error:
         host = urlsplit(bucket.endpoint_url).hostname if bucket.endpoint_url else "AWS S3"

@@ -4,23 +4,20 @@ Every voice a request can name ends up as one of two things the prompt builder u
 a `ReferenceClip` (24 kHz mono samples plus their transcript, for cloning) or a
 `VoiceDescription` (words describing the voice). Clip bytes come from the library
 (`VOICES_PATH/NAME.wav|flac|mp3` with `NAME.txt`), from base64 in the request, or from an
-https URL fetched with a size cap, a timeout and no private addresses.
+https URL fetched by outbound.py (size cap, deadline, minimum rate, no private addresses).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import ipaddress
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 
-from . import audio
+from . import audio, outbound
 from .errors import RequestError
 from .schema import CloneFromBase64, CloneFromUrl, DescribedVoice, Voice
 from .settings import Settings
@@ -70,7 +67,17 @@ class VoiceResolver:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    async def resolve_async(self, voice: Voice, field: str) -> ResolvedVoice:
+        """Any voice; a URL clip downloads on the event loop (see outbound.py: a cancelled
+        job closes the connection at once) and decodes in a thread, like the others."""
+        if isinstance(voice, CloneFromUrl):
+            field = f"{field}.audio_url"
+            data = await outbound.download(voice.audio_url, field, self.settings)
+            return await asyncio.to_thread(self._clip, data, voice.transcript, field)
+        return await asyncio.to_thread(self.resolve, voice, field)
+
     def resolve(self, voice: Voice, field: str) -> ResolvedVoice:
+        """A voice that needs no download (URL clips go through `resolve_async`)."""
         if isinstance(voice, str):
             return self._preset(voice, field)
         if isinstance(voice, DescribedVoice):
@@ -78,9 +85,6 @@ class VoiceResolver:
         if isinstance(voice, CloneFromBase64):
             data = self._base64(voice.audio_base64, f"{field}.audio_base64")
             return self._clip(data, voice.transcript, f"{field}.audio_base64")
-        if isinstance(voice, CloneFromUrl):
-            data = self._download(voice.audio_url, f"{field}.audio_url")
-            return self._clip(data, voice.transcript, f"{field}.audio_url")
         raise TypeError(f"unknown voice type {type(voice).__name__}")
 
     def _preset(self, name: str, field: str) -> ReferenceClip:
@@ -115,44 +119,3 @@ class VoiceResolver:
         if decoded.duration_s < MIN_CLIP_SECONDS:
             raise RequestError(field, f"audio is shorter than {MIN_CLIP_SECONDS} seconds")
         return ReferenceClip(decoded.samples, transcript)
-
-    def _download(self, url: str, field: str) -> bytes:
-        self._check_url(url, field)
-        limit = self.settings.max_ref_audio_bytes
-        try:
-            with (
-                httpx.Client(timeout=self.settings.audio_url_timeout_s) as client,
-                client.stream("GET", url, follow_redirects=False) as response,
-            ):
-                if response.status_code != 200:
-                    raise RequestError(field, f"download failed with HTTP {response.status_code}")
-                data = bytearray()
-                for chunk in response.iter_bytes():
-                    data += chunk
-                    if len(data) > limit:
-                        raise RequestError(field, f"is larger than {limit} bytes")
-                return bytes(data)
-        except httpx.TimeoutException:
-            raise RequestError(
-                field, f"download timed out after {self.settings.audio_url_timeout_s:g} s"
-            ) from None
-        except httpx.HTTPError as error:
-            raise RequestError(field, f"download failed ({type(error).__name__})") from None
-
-    def _check_url(self, url: str, field: str) -> None:
-        parts = urlsplit(url)
-        allowed = ("https", "http") if self.settings.allow_http_audio_urls else ("https",)
-        if parts.scheme not in allowed:
-            raise RequestError(field, f"must be an {' or '.join(allowed)} URL")
-        if not parts.hostname:
-            raise RequestError(field, "has no host")
-        if self.settings.allow_private_audio_urls:
-            return
-        try:
-            infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError):
-            raise RequestError(field, "host could not be resolved") from None
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0])
-            if not address.is_global:
-                raise RequestError(field, "resolves to a private or loopback address")
