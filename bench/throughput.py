@@ -1,13 +1,17 @@
-"""Decode throughput of a randomly initialised Higgs Audio v2 model against the bandwidth floor.
+"""The engine's decode throughput per batch size, against the memory-bandwidth floor.
 
-    .venv/bin/python bench/throughput.py --shape cpu          # this machine, a few minutes
-    .venv/bin/python bench/throughput.py --shape real         # the 3B+2.2B shape, on a GPU
+    .venv/bin/python bench/throughput.py --shape real    # the released 3B+2.2B shape, on a GPU
+    .venv/bin/python bench/throughput.py --shape cpu     # 88.5M parameters, on this machine
+    .venv/bin/python bench/throughput.py --dry-run       # the tiny shape, seconds (a test runs it)
 
-The model has the real architecture at a chosen size and is built in memory (nothing is
-downloaded). Its audio head never picks the stream EOS, so every row generates exactly
---frames frames: the figures depend on the shape and the batch size, not on what the
-random weights happen to say. For each batch size it prints decode steps per second, seconds
-of audio per second (all rows together), time to the first complete frame and device memory.
+A randomly initialised model of the chosen shape is built in memory (nothing is
+downloaded) and served by the engine (`Engine.use_model`): continuous batching, KV-cache
+slots, the audio-only decode step, device sampling with the default settings. Its audio
+head never picks the stream EOS, so every request decodes exactly --frames frames. For
+each batch size, that many requests are submitted at once; printed per size: the decode
+step's median time, frames per second and seconds of audio per second (all rows), the
+median time to the first frame, and memory. On CUDA the same run is made twice, with the
+step captured as CUDA graphs and eagerly, side by side.
 
 The floor: one decode step at batch 1 must read every weight it uses once (attention, the
 audio MLP, the audio head and embeddings; the text MLP and text embeddings are skipped for
@@ -19,15 +23,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import resource
 import statistics
+import threading
 import time
 
 import torch
-from transformers import GenerationConfig, HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+from transformers import BatchFeature, HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
-from higgs_runpod.streaming import DelayAligner
-from higgs_runpod.tiny import TINY_SHAPE, build_model, build_text_tokenizer
+from higgs_runpod.engine import Engine, SamplingParams
+from higgs_runpod.settings import load_settings
+from higgs_runpod.tiny import TINY_SHAPE, build_model, build_text_tokenizer, sharpen_audio_head
 
 FRAME_RATE = 25.0  # frames per second of audio, as in the real tokenizer
 
@@ -44,8 +51,7 @@ SHAPES: dict[str, dict] = {
 
 
 def build_real(device: torch.device, dtype: torch.dtype) -> HiggsAudioV2ForConditionalGeneration:
-    """The released shape, initialised where it runs (5B parameters on a CPU would be slow);
-    its audio head is sharpened and never picks stream BOS/EOS, so no row stops early."""
+    """The released shape, initialised where it runs (5B parameters on a CPU would be slow)."""
     config = HiggsAudioV2Config(**SHAPES["real"], codebook_size=1026, max_position_embeddings=8192)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -55,11 +61,7 @@ def build_real(device: torch.device, dtype: torch.dtype) -> HiggsAudioV2ForCondi
             model = HiggsAudioV2ForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(previous)
-    with torch.no_grad():
-        head = model.audio_lm_head.weight.view(config.num_codebooks, config.codebook_size, -1)
-        head.mul_(100.0)
-        head[:, config.audio_stream_bos_id, :] = 0.0
-        head[:, config.audio_stream_eos_id, :] = 0.0
+    sharpen_audio_head(model)
     return model
 
 
@@ -97,64 +99,61 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Clock:
-    """Forward pre-hook: times each model call and the first complete frame of row 0."""
-
-    def __init__(self, config: HiggsAudioV2Config) -> None:
-        self.times: list[float] = []
-        self.first_frame: float | None = None
-        self.aligner = DelayAligner(config.audio_stream_bos_id, config.audio_stream_eos_id)
-
-    def __call__(self, module, args, kwargs) -> None:
-        self.times.append(time.perf_counter())
-        if len(self.times) == 1 or self.first_frame is not None:
-            return
-        if self.aligner.push(kwargs["audio_input_ids"][0, -1].cpu()).shape[0]:
-            self.first_frame = self.times[-1]
+def engine_for(model, device: torch.device, dtype: torch.dtype, slots: int, context: int,
+               graphs: bool) -> Engine:  # fmt: skip
+    settings = load_settings({
+        "DEVICE": device.type, "DTYPE": str(dtype).removeprefix("torch."),
+        "MAX_BATCH_SIZE": str(slots), "MAX_CONTEXT_TOKENS": str(context),
+        "KV_CACHE_TOKENS": str(slots * context), "CUDA_GRAPHS": "true" if graphs else "false",
+    })  # fmt: skip
+    engine = Engine(settings)
+    engine.use_model(model)
+    return engine
 
 
-def run_batch(model, batch: int, frames: int, prompt_tokens: int, device: torch.device) -> dict:
-    config = model.config
-    steps = frames + config.num_codebooks  # BOS, the delay pattern's tail, EOS not reached
+def run_batch(engine: Engine, batch: int, frames: int, prompt_tokens: int) -> dict:
+    """`batch` requests at once, each decoding `frames` frames after the same prompt."""
+    config = engine.model.config  # type: ignore[union-attr]
     generator = torch.Generator().manual_seed(1)
     text = torch.randint(20, 400, (1, prompt_tokens - 1), generator=generator)
     prompt = torch.cat([text, torch.tensor([[config.audio_bos_token_id]])], dim=1)
-    input_ids = prompt.repeat(batch, 1).to(device)
-    generation = GenerationConfig(
-        max_new_tokens=steps, do_sample=False,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )  # fmt: skip
-    clock = Clock(config)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    hook = model.register_forward_pre_hook(clock, with_kwargs=True)
-    try:
-        sync(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                generation_config=generation,
-            )  # fmt: skip
-        sync(device)
-        total = time.perf_counter() - start
-    finally:
-        hook.remove()
-    step_times = [b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)]
+
+    def prepare() -> BatchFeature:
+        return BatchFeature({"input_ids": prompt.to(engine.device)})
+
+    steps = frames + config.num_codebooks  # the opening BOS step and the delay pattern
+    frame_times: list[list[float]] = [[] for _ in range(batch)]
+
+    def run(row: int) -> None:
+        params = SamplingParams(seed=row, max_new_tokens=steps)  # the default sampling
+        engine.decode(prepare, params, on_frames=lambda f: frame_times[row].append(
+            time.perf_counter()))  # fmt: skip
+
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    threads = [threading.Thread(target=run, args=(row,)) for row in range(batch)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = time.perf_counter() - start
+    # Steady state: the gaps between frames once every row has joined the batch.
+    joined = max(times[0] for times in frame_times)
+    gaps = [b - a for times in frame_times for a, b in itertools.pairwise(times)
+            if a >= joined]  # fmt: skip
+    step_ms = statistics.median(gaps) * 1000 if gaps else float("nan")
     memory = (
-        torch.cuda.max_memory_allocated(device)
-        if device.type == "cuda"
+        torch.cuda.max_memory_allocated(engine.device)
+        if engine.device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    decode_steps = len(clock.times)  # one step per forward: the prefill's, then one each
     return {
         "batch": batch,
-        "steps": decode_steps,
-        "step_ms": statistics.median(step_times) * 1000 if step_times else float("nan"),
-        "steps_per_s": decode_steps / total,
+        "step_ms": step_ms,
+        "frames_per_s": batch * 1000 / step_ms,
         "audio_s_per_s": batch * frames / FRAME_RATE / total,
-        "first_audio_ms": ((clock.first_frame or start) - start) * 1000,
+        "first_audio_ms": statistics.median(times[0] - start for times in frame_times) * 1000,
         "memory_mb": memory / 2**20,
     }
 
@@ -164,15 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
-    parser.add_argument("--frames", type=int, default=50, help="frames each row generates")
+    parser.add_argument("--batch-sizes", default=None, help="default: 1..64 on CUDA, 1..16 on CPU")
+    parser.add_argument("--frames", type=int, default=100, help="frames each row decodes")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--copy-mb", type=int, default=None, help="bandwidth probe size")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shape, CPU, two sizes")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        args.shape, args.device, args.batch_sizes, args.frames = "tiny", "cpu", "1,2", 8
+        args.copy_mb = args.copy_mb or 64
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32
     )  # fmt: skip
+    default_sizes = "1,2,4,8,16,32,64" if device.type == "cuda" else "1,2,4,8,16"
+    sizes = [int(b) for b in (args.batch_sizes or default_sizes).split(",")]
 
     model = build(args.shape, device, dtype)
     params = sum(p.numel() for p in model.parameters())
@@ -189,24 +194,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bandwidth (copy): {bandwidth / 1e9:.1f} GB/s; weights read per decode step: "
           f"{weight_bytes / 1e6:,.1f} MB; floor at batch 1: {floor_ms:.2f} ms/step")  # fmt: skip
 
-    run_batch(model, 1, 4, args.prompt_tokens, device)  # warm-up: kernels, allocator
-    print(f"{'batch':>5} {'steps':>5} {'step ms':>8} {'steps/s':>8} {'audio s/s':>9} "
-          f"{'first audio ms':>14} {'memory MB':>9}")  # fmt: skip
-    rows = []
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        with contextlib.suppress(torch.cuda.OutOfMemoryError):
-            row = run_batch(model, batch, args.frames, args.prompt_tokens, device)
-            rows.append(row)
-            print(f"{row['batch']:>5} {row['steps']:>5} {row['step_ms']:>8.2f} "
-                  f"{row['steps_per_s']:>8.1f} {row['audio_s_per_s']:>9.2f} "
-                  f"{row['first_audio_ms']:>14.1f} {row['memory_mb']:>9.0f}",
-                  flush=True)  # fmt: skip
-            continue
-        print(f"{batch:>5} out of device memory")
-    single = next((r for r in rows if r["batch"] == 1), None)
-    if single:
-        print(f"batch-1 step {single['step_ms']:.2f} ms vs floor {floor_ms:.2f} ms: "
-              f"measured/floor = {single['step_ms'] / floor_ms:.2f}")  # fmt: skip
+    context = args.prompt_tokens + args.frames + 2 * model.config.num_codebooks
+    modes = ["graphs", "eager"] if device.type == "cuda" else ["eager"]
+    for mode in modes:
+        engine = engine_for(model, device, dtype, max(sizes), context, mode == "graphs")
+        label = mode if mode == "eager" or engine.cuda_graphs else "eager (capture failed)"
+        run_batch(engine, 1, 4, args.prompt_tokens)  # warm-up: kernels, allocator
+        print(f"\n{label}: {'batch':>5} {'step ms':>8} {'frames/s':>9} {'audio s/s':>9} "
+              f"{'first audio ms':>14} {'memory MB':>9}")  # fmt: skip
+        single = None
+        for batch in sizes:
+            with contextlib.suppress(torch.cuda.OutOfMemoryError):
+                row = run_batch(engine, batch, args.frames, args.prompt_tokens)
+                single = row if batch == 1 else single
+                print(f"{'':>{len(label) + 1}} {row['batch']:>5} {row['step_ms']:>8.2f} "
+                      f"{row['frames_per_s']:>9.0f} {row['audio_s_per_s']:>9.2f} "
+                      f"{row['first_audio_ms']:>14.1f} {row['memory_mb']:>9.0f}",
+                      flush=True)  # fmt: skip
+                continue
+            print(f"{'':>{len(label) + 1}} {batch:>5} out of device memory")
+        if single:
+            print(f"{label}: batch-1 step {single['step_ms']:.2f} ms vs floor {floor_ms:.2f} ms: "
+                  f"measured/floor = {single['step_ms'] / floor_ms:.2f}")  # fmt: skip
+        del engine
     return 0
 
 

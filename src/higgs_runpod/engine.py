@@ -42,7 +42,7 @@ from transformers import (
 from .errors import ModelNotFoundError, RequestError
 from .model_store import ensure_checkpoints
 from .sampler import ALL_FEATURES, AudioVocab, Features, SamplingParams, features_of, sample
-from .scheduler import DecodeLoop, Request
+from .scheduler import Decoded, DecodeLoop, Request
 from .settings import Settings
 from .slots import DecodeState, GraphedSteps, SlotCache, decode_step
 from .streaming import DelayAligner, receptive_field_frames
@@ -173,12 +173,21 @@ class Engine:
             self.settings.voice_cache_items,
             self.settings.voice_cache_path,
         )
-        self._allocate(model)
-        self.model = model
+        self._attach(model)
         self.decoder_context_frames = receptive_field_frames(
             self.decode_codes, model.config.num_codebooks
         )
         log.info("model loaded: %s parameters", f"{model.num_parameters():,}")
+
+    def use_model(self, model: HiggsAudioV2ForConditionalGeneration) -> None:
+        """Decode with a model built in memory, without checkpoints or processor: only
+        `decode` works then (bench/throughput.py runs the released shape this way)."""
+        with self._load_lock:
+            self._loop.call(lambda: self._attach(model))
+
+    def _attach(self, model: HiggsAudioV2ForConditionalGeneration) -> None:
+        self._allocate(model)
+        self.model = model
         self._loop.attach(self)
 
     def _allocate(self, model: HiggsAudioV2ForConditionalGeneration) -> None:
@@ -246,15 +255,8 @@ class Engine:
         """
         self.load()
         seed = params.seed if params.seed is not None else random.randrange(2**32)
-        processor = self._processor
-        request = Request(
-            prepare=lambda: self._prepare(conversation),
-            settings=replace(params, seed=seed),
-            aligner=DelayAligner(processor.audio_stream_bos_id, processor.audio_stream_eos_id),
-            cancel=cancel,
-            on_frames=on_frames,
-        )
-        decoded = self._loop.submit(request)
+        decoded = self.decode(lambda: self._prepare(conversation), replace(params, seed=seed),
+                              cancel=cancel, on_frames=on_frames)  # fmt: skip
         empty = torch.zeros((0, self.vocab.num_codebooks), dtype=torch.long)
         codes = torch.cat(decoded.frames) if decoded.frames else empty
         start = time.perf_counter()
@@ -270,6 +272,25 @@ class Engine:
             generate_ms=decoded.generate_ms,
             decode_ms=_ms_since(start),
         )
+
+    def decode(
+        self,
+        prepare: Callable[[], BatchFeature],
+        params: SamplingParams,
+        *,
+        cancel: threading.Event | None = None,
+        on_frames: FrameCallback | None = None,
+    ) -> Decoded:
+        """Decode one prompt among the other requests. `prepare` makes its model inputs;
+        it runs on the model thread when the request gets its slot."""
+        request = Request(
+            prepare=prepare,
+            settings=params,
+            aligner=DelayAligner(self.vocab.stream_bos, self.vocab.stream_eos),
+            cancel=cancel,
+            on_frames=on_frames,
+        )
+        return self._loop.submit(request)
 
     def call(self, function: Callable[[], T]) -> T:
         """Run `function` on the model thread, between decode steps (tests and benchmarks
