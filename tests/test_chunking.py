@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from higgs_runpod.chunking import count_words, split_text
+from higgs_runpod.errors import RequestError
+from higgs_runpod.prompts import normalize_text
 from higgs_runpod.schema import ChunkingOptions
 
 ARTICLE = (
@@ -14,7 +16,7 @@ ARTICLE = (
 
 
 def texts(text: str, **options: object) -> list[str]:
-    chunks = split_text(text, ChunkingOptions(**options))
+    chunks = split_text(text, ChunkingOptions(**options), 2000)
     for chunk in chunks:  # every span points at exactly its text
         assert text[chunk.start : chunk.end] == chunk.text
     return [chunk.text for chunk in chunks]
@@ -65,8 +67,55 @@ def test_speaker_chunks_by_turns() -> None:
     ],
 )
 def test_auto_picks_a_method(text: str, expected: int) -> None:
-    assert len(split_text(text, ChunkingOptions(max_words=20))) == expected
+    assert len(split_text(text, ChunkingOptions(max_words=20), 2000)) == expected
 
 
 def test_none_keeps_the_text_whole() -> None:
     assert texts(ARTICLE, method="none") == [ARTICLE.strip()]
+
+
+LIMIT = 200
+
+
+def bounded(text: str, **options: object) -> list[str]:
+    """Chunks of `text` under a small MAX_TEXT_CHARS: each fits once normalised."""
+    chunks = split_text(text, ChunkingOptions(**options), LIMIT)
+    for chunk in chunks:
+        assert len(normalize_text(chunk.text)) <= LIMIT
+        assert text[chunk.start : chunk.end] in chunk.text  # a repeated turn tag at most
+    return [chunk.text for chunk in chunks]
+
+
+@pytest.mark.parametrize("method", ["auto", "word", "speaker"])
+def test_a_run_without_spaces_is_cut_at_the_limit(method: str) -> None:
+    pieces = bounded("x" * 100_000, method=method)
+    assert len(pieces) == 100_000 // (LIMIT - 1) + 1  # normalising adds a full stop
+    assert "".join(pieces) == "x" * 100_000
+
+
+def test_emoji_are_cut_at_the_limit() -> None:
+    pieces = bounded("\U0001f600" * 10_000)
+    assert len(pieces) > 10_000 // LIMIT
+
+
+def test_a_text_that_normalising_expands_is_cut_by_its_normalised_length() -> None:
+    text = "°F " * 60  # 180 characters, 60 x " degrees Fahrenheit" once normalised
+    pieces = bounded(text)
+    assert len(pieces) >= 6
+    assert all(piece.endswith("°F") for piece in pieces)  # cut at spaces, not inside
+
+
+def test_a_long_turn_keeps_its_speaker_in_every_piece() -> None:
+    text = "[SPEAKER0] Hi. [SPEAKER1] " + "word " * 200
+    pieces = bounded(text, method="speaker")
+    assert pieces[0] == "[SPEAKER0] Hi."
+    assert len(pieces) > 3
+    assert all(piece.startswith("[SPEAKER1] word") for piece in pieces[1:])
+
+
+def test_method_none_refuses_a_text_too_long_once_normalised() -> None:
+    with pytest.raises(RequestError) as caught:
+        split_text("°F" * 20, ChunkingOptions(method="none"), 100)
+    assert caught.value.field == "text"
+    assert "is 380 characters once normalised" in caught.value.message
+    assert "100 (MAX_TEXT_CHARS)" in caught.value.message

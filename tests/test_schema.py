@@ -12,7 +12,12 @@ from higgs_runpod.settings import Settings, load_settings
 @pytest.fixture(scope="module")
 def small_limits() -> Settings:
     return load_settings(
-        {"MAX_TEXT_CHARS": "50", "MAX_LONG_TEXT_CHARS": "80", "MAX_NEW_TOKENS_LIMIT": "100"}
+        {
+            "MAX_TEXT_CHARS": "50",
+            "MAX_LONG_TEXT_CHARS": "80",
+            "MAX_NEW_TOKENS_LIMIT": "100",
+            "MAX_SPEAKERS": "3",
+        }
     )
 
 
@@ -63,6 +68,15 @@ def test_voice_variants_are_recognised(small_limits: Settings) -> None:
          "speakers", "no SPEAKER1"),
         ({"text": "a", "speakers": {"BOB": "alice"}}, "speakers.BOB", "SPEAKER0, SPEAKER1"),
         ({"text": "a", "voice": "alice", "speakers": {"SPEAKER0": "alice"}}, "voice", "not both"),
+        ({"text": "[SPEAKER0] a", "speakers": {"SPEAKER0": "alice", "SPEAKER1": "alice"}},
+         "speakers", "has SPEAKER1, but the text has no [SPEAKER1] tag"),
+        ({"text": "a", "speakers": {"SPEAKER0": "alice"}}, "speakers", "no [SPEAKER0] tag"),
+        ({"text": "[SPEAKER0] a", "speakers": {f"SPEAKER{n}": "alice" for n in range(20_000)}},
+         "speakers", "has 20000 entries; the limit is 3 (MAX_SPEAKERS)"),
+        ({"text": " ".join(f"[SPEAKER{n}] a" for n in range(4))},
+         "text", "uses 4 speaker tags; the limit is 3 (MAX_SPEAKERS)"),
+        ({"text": "a", "speakers": {"SPEAKER" + "9" * 40: "alice"}}, "speakers.SPEAKER" + "9" * 40,
+         "'SPEAKER9999999999999...' must be named"),
     ],
 )  # fmt: skip
 def test_bad_input_names_field_and_limit(
@@ -82,3 +96,10 @@ def test_input_must_be_an_object(small_limits: Settings) -> None:
 def test_speaker_tags_in_order_of_first_use(small_limits: Settings) -> None:
     request = parse_request({"text": "[SPEAKER1] hi [SPEAKER0] yo [SPEAKER1] ok"}, small_limits)
     assert request.speaker_tags == ["SPEAKER1", "SPEAKER0"]
+
+
+def test_a_huge_speaker_number_is_plain_text(small_limits: Settings) -> None:
+    """Tags have at most three digits, so `int()` never meets Python's digit limit."""
+    request = parse_request({"text": "[SPEAKER" + "9" * 5000 + "]"}, load_settings({}))
+    assert request.speaker_tags == []
+    assert parse_request({"text": "[SPEAKER999] a"}, small_limits).speaker_tags == ["SPEAKER999"]

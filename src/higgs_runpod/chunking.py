@@ -6,6 +6,12 @@ where it can; `none` keeps the text whole; `auto` picks `speaker` for tagged dia
 `word` for text longer than `max_words`, else `none`. Chinese, Japanese and Korean
 characters count as one word each (they have no spaces, and a character is about a
 syllable of speech). Spans index into the request's original text.
+
+Whatever the method, no chunk is longer than `max_chars` (MAX_TEXT_CHARS) once normalised
+(prompts.normalize_text, which can make a text several times longer): `none` refuses such a
+text; the others cut an overlong chunk at the last space that fits, or, in a run without
+spaces, hard at the limit. A dialogue turn cut so keeps its speaker: every later piece
+starts with the turn's [SPEAKERn] tag (so its text is the span's text behind that tag).
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import itertools
 import re
 from dataclasses import dataclass
 
+from .errors import RequestError
+from .prompts import normalize_text
 from .schema import SPEAKER_TAG, ChunkingOptions
 
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _WORD = re.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[\w'\u2019])+")
 _SENTENCE_END = re.compile(rf"(?<=[.!?。！？])(?:\s+|(?=[{_CJK}]))")  # noqa: RUF001
 _PARAGRAPH = re.compile(r"\n\s*\n")
+_SPACES = re.compile(r"\s*")
 
 
 @dataclass(frozen=True)
@@ -33,8 +42,9 @@ def count_words(text: str) -> int:
     return len(_WORD.findall(text))
 
 
-def split_text(text: str, options: ChunkingOptions) -> list[Chunk]:
-    """Split `text` into chunks by `options.method` (see the module docstring)."""
+def split_text(text: str, options: ChunkingOptions, max_chars: int) -> list[Chunk]:
+    """Split `text` into chunks by `options.method`, each at most `max_chars` characters
+    once normalised (see the module docstring)."""
     method = options.method
     if method == "auto":
         if SPEAKER_TAG.search(text):
@@ -49,8 +59,52 @@ def split_text(text: str, options: ChunkingOptions) -> list[Chunk]:
         spans = _by_words(text, options.max_words)
     else:
         spans = [(0, len(text))]
-    chunks = [_chunk(text, start, end) for start, end in spans]
-    return [chunk for chunk in chunks if chunk.text]
+    chunks = [chunk for start, end in spans if (chunk := _chunk(text, start, end)).text]
+    if options.method == "none":  # asked for: the text is said whole, or not at all
+        length = len(normalize_text(text))
+        if length > max_chars:
+            raise RequestError(
+                "text",
+                f"is {length} characters once normalised; the limit with chunking method "
+                f"none is {max_chars} (MAX_TEXT_CHARS): let the worker chunk it",
+            )
+        return chunks
+    return [piece for chunk in chunks for piece in _fit(text, chunk, max_chars)]
+
+
+def _fit(text: str, chunk: Chunk, max_chars: int) -> list[Chunk]:
+    """`chunk`, cut into pieces of at most `max_chars` normalised characters."""
+    if len(normalize_text(chunk.text)) <= max_chars:
+        return [chunk]
+    tags = list(SPEAKER_TAG.finditer(text, chunk.start, chunk.end))
+    pieces, start = [], chunk.start
+    while start < chunk.end:
+        turn = [tag for tag in tags if tag.start() < start]
+        opens_turn = SPEAKER_TAG.match(text, _SPACES.match(text, start).end())
+        prefix = turn[-1].group(0) + " " if turn and not opens_turn else ""
+        end = _longest_fit(text, start, chunk.end, max_chars, prefix)
+        piece = _chunk(text, start, end)
+        if piece.text:
+            pieces.append(Chunk(piece.start, piece.end, prefix + piece.text))
+        start = end
+    return pieces
+
+
+def _longest_fit(text: str, start: int, end: int, max_chars: int, prefix: str) -> int:
+    """Where a piece from `start` ends: as far as fits once normalised, then back to the
+    last space in its second half, if there is one."""
+
+    def fits(stop: int) -> bool:
+        return len(normalize_text(prefix + text[start:stop])) <= max_chars
+
+    if end - start <= max_chars and fits(end):
+        return end
+    low, high = start + 1, min(end, start + max_chars)  # low always fits (see MAX_TEXT_CHARS)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    space = max(text.rfind(" ", start, low), text.rfind("\n", start, low))
+    return space + 1 if space > start + (low - start) // 2 else low
 
 
 def _chunk(text: str, start: int, end: int) -> Chunk:

@@ -41,6 +41,15 @@ class GenerationCancelled(HiggsRunpodError):
     """The caller went away (an HTTP client disconnected), so generation stopped early."""
 
 
+class RequestTimeout(HiggsRunpodError):
+    """The request ran past REQUEST_TIMEOUT_S and was stopped; the worker keeps serving."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"the request took longer than {timeout_s:g} s (REQUEST_TIMEOUT_S) and was stopped"
+        )
+
+
 class OutOfMemoryError(HiggsRunpodError):
     """The device ran out of memory for this request; the worker keeps serving."""
 

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -31,9 +31,9 @@ from typing import Any, TypeVar
 import torch
 
 from . import audio
-from .chunking import split_text
+from .chunking import Chunk, split_text
 from .engine import Engine, SamplingParams
-from .errors import HiggsRunpodError, RequestError
+from .errors import HiggsRunpodError, RequestError, RequestTimeout
 from .longform import LongSynthesis, MakeConversation, synthesize_chunks
 from .progressive import ProgressiveEncoder
 from .prompts import build_conversation
@@ -71,7 +71,7 @@ class Speech:
 class Plan:
     """What a request asks the engine for, ready to generate."""
 
-    chunks: list
+    chunks: list[Chunk]
     make_conversation: MakeConversation
     params: SamplingParams
     context_chunks: int
@@ -120,7 +120,7 @@ class Worker:
                 raise RequestError(
                     "stream", "this endpoint streams only when started with ENABLE_STREAMING=true"
                 )
-            return await self._respond(job, request)
+            return await self._in_time(self._respond(job, request))
         except Exception as error:
             return {"error": _message(error, job)}
 
@@ -129,12 +129,26 @@ class Worker:
         try:
             request = parse_request(job.get("input"), self.settings)
             if request.stream:
-                async for item in self.stream(request, progress=_progress_reporter(job)):
+                pieces = self.stream(request, progress=_progress_reporter(job))
+                async for item in within(self.settings.request_timeout_s, pieces):
                     yield item
             else:
-                yield await self._respond(job, request)
+                yield await self._in_time(self._respond(job, request))
         except Exception as error:
             yield {"error": _message(error, job)}
+
+    async def _in_time(self, work: Awaitable[T]) -> T:
+        """`work` within REQUEST_TIMEOUT_S; past it, it is cancelled (generation stops at
+        the next step, see `_generate`) and `RequestTimeout` raised."""
+        timeout_s = self.settings.request_timeout_s
+        deadline = asyncio.timeout(timeout_s)
+        try:
+            async with deadline:
+                return await work
+        except TimeoutError:
+            if deadline.expired():
+                raise RequestTimeout(timeout_s) from None
+            raise
 
     async def _respond(self, job: dict[str, Any], request: SpeechRequest) -> dict[str, Any]:
         """One job's complete response: the audio delivered inline or to S3, and metadata."""
@@ -156,9 +170,7 @@ class Worker:
         `cancel` lets a front whose caller went away stop the generation (see Engine).
         """
         started = time.perf_counter()
-        plan = await self.plan(request)
-        resolve_ms = _ms_since(started)
-        load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
+        plan, resolve_ms, load_ms = await self._ready(request)
         counter = _FrameCounter(progress, len(plan.chunks))
         synthesis = await self.generate(plan, counter.frames, counter.chunk, cancel)
         decode_start = time.perf_counter()
@@ -202,12 +214,10 @@ class Worker:
         request: SpeechRequest,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Audio pieces as frames complete, then a summary with usage and timings."""
         started = time.perf_counter()
-        plan = await self.plan(request)
-        resolve_ms = _ms_since(started)
-        load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
+        plan, resolve_ms, load_ms = await self._ready(request)
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue[torch.Tensor | None] = asyncio.Queue()
         counter = _FrameCounter(progress, len(plan.chunks))
@@ -279,9 +289,39 @@ class Worker:
             cancel.set()
             raise
 
+    async def _ready(self, request: SpeechRequest) -> tuple[Plan, float, float]:
+        """The request planned, the model loaded and the prompt checked, before any
+        generation: (plan, milliseconds planning, milliseconds waiting for the model)."""
+        started = time.perf_counter()
+        plan = await self.plan(request)
+        resolve_ms = _ms_since(started)
+        load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
+        await asyncio.to_thread(self._check_prompt, plan)
+        return plan, resolve_ms, load_ms
+
+    def _check_prompt(self, plan: Plan) -> None:
+        """Refuse a chunk whose prompt (before context chunks) is over MAX_PROMPT_TOKENS.
+
+        Only the chunk with the most text (in UTF-8 bytes, which bound its tokens) is
+        measured: the rest of every chunk's prompt (system, scene, voices) is the same.
+        """
+        index, chunk = max(
+            enumerate(plan.chunks), key=lambda item: len(item[1].text.encode("utf-8"))
+        )
+        inputs = self.engine.prompt_inputs(plan.make_conversation(chunk.text, []))
+        tokens, limit = int(inputs["input_ids"].shape[-1]), self.settings.max_prompt_tokens
+        if tokens > limit:
+            raise RequestError(
+                "text",
+                f"the prompt of chunk {index + 1} is {tokens} tokens (its text, the scene and "
+                f"the voices' reference audio); the limit is {limit} (MAX_PROMPT_TOKENS)",
+            )
+
     async def plan(self, request: SpeechRequest) -> Plan:
-        """Resolve voices (downloads on the event loop, decoding in threads), then split the
-        text in a thread."""
+        """Split the text (in a thread) and check the request's total work, then resolve
+        voices (downloads on the event loop, decoding in threads): every check that needs
+        no model comes before any download."""
+        chunks = await asyncio.to_thread(self._chunks, request)
         resolve = self.voices.resolve_async
         voice = await resolve(request.voice, "voice") if request.voice is not None else None
         speakers = None
@@ -289,15 +329,29 @@ class Worker:
             speakers = {
                 tag: await resolve(v, f"speakers.{tag}") for tag, v in request.speakers.items()
             }
-        return await asyncio.to_thread(self._plan, request, voice, speakers)
+        return self._plan(request, chunks, voice, speakers)
+
+    def _chunks(self, request: SpeechRequest) -> list[Chunk]:
+        """The text's chunks, refused if they ask for more than MAX_TOTAL_FRAMES."""
+        chunks = split_text(request.text, request.chunking, self.settings.max_text_chars)
+        frames, limit = len(chunks) * request.max_new_tokens, self.settings.max_total_frames
+        if frames > limit:
+            raise RequestError(
+                "max_new_tokens",
+                f"{len(chunks)} chunks x {request.max_new_tokens} ask for up to {frames} audio "
+                f"frames; a request may ask for at most {limit} (MAX_TOTAL_FRAMES, 40 ms each): "
+                "lower max_new_tokens or send less text",
+            )
+        return chunks
 
     def _plan(
         self,
         request: SpeechRequest,
+        chunks: list[Chunk],
         voice: ResolvedVoice | None,
         speakers: dict[str, ResolvedVoice] | None,
     ) -> Plan:
-        """Split the text and fix what generation needs."""
+        """Fix what generation needs."""
 
         def make_conversation(text: str, history: Any) -> list[dict[str, Any]]:
             return build_conversation(
@@ -305,7 +359,7 @@ class Worker:
             )
 
         return Plan(
-            chunks=split_text(request.text, request.chunking),
+            chunks=chunks,
             make_conversation=make_conversation,
             params=SamplingParams(
                 temperature=request.temperature,
@@ -345,6 +399,31 @@ class _FrameCounter:
         self.last_sent = now
         self.progress({"chunk": self.current_chunk + 1, "chunks": self.total_chunks,
                        "frames": self.count})  # fmt: skip
+
+
+async def within(timeout_s: float, items: AsyncGenerator[T, None]) -> AsyncIterator[T]:
+    """`items` until `timeout_s` from now; then the one being awaited is cancelled (a
+    stream's generation with it) and `RequestTimeout` is raised.
+
+    The deadline bounds each wait for the next item, never the caller's handling of it,
+    so it can wrap a generator whose consumer is another task (a response body).
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        while True:
+            scope = asyncio.timeout_at(deadline)
+            try:
+                async with scope:
+                    item = await anext(items)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if scope.expired():
+                    raise RequestTimeout(timeout_s) from None
+                raise
+            yield item
+    finally:
+        await items.aclose()
 
 
 def _progress_reporter(job: dict[str, Any]) -> Progress | None:

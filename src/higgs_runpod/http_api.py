@@ -30,12 +30,19 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import audio
-from .errors import HiggsRunpodError, OutOfMemoryError, RequestError
-from .handler import Worker
+from .errors import HiggsRunpodError, OutOfMemoryError, RequestError, RequestTimeout
+from .handler import Worker, within
 from .health import mark_ready
 from .http_guard import ApiError, ClientGone, CloseUnread, authorize, read_json, require_json
 from .http_metrics import CONTENT_TYPE, CountRequests, Metrics
-from .openai_schema import MODEL_ALIASES, MODEL_ID, OPENAI_VOICES, map_voice, parse_openai_speech
+from .openai_schema import (
+    MODEL_ALIASES,
+    MODEL_ID,
+    OPENAI_VOICES,
+    in_openai_terms,
+    map_voice,
+    parse_openai_speech,
+)
 from .schema import SpeechRequest
 from .settings import Settings
 from .speech_ws import STREAM_ROUTE, speech_stream
@@ -142,8 +149,10 @@ class AudioStream:
             await self._pieces.aclose()
 
     async def _generate(self) -> AsyncIterator[bytes]:
+        timeout_s = self.worker.settings.request_timeout_s
         try:
-            async for item in self.worker.stream(self.request, cancel=self.cancel):
+            pieces = self.worker.stream(self.request, cancel=self.cancel)
+            async for item in within(timeout_s, pieces):
                 if "audio_base64" in item:
                     yield base64.b64decode(item["audio_base64"])
                 else:
@@ -221,6 +230,8 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         started = time.perf_counter()
         try:
             first = await _first_piece(stream, request, service.metrics)
+        except RequestError as error:  # found while planning: voices, chunks, prompt
+            raise in_openai_terms(error) from None
         except (HiggsRunpodError, ClientGone):
             raise
         except Exception as error:  # ours: log it whole, tell the caller little
@@ -253,6 +264,11 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
         return ApiError(400, str(error), param=error.field or None).response()
+
+    @app.exception_handler(RequestTimeout)
+    async def timeout_error(request: Request, error: RequestTimeout) -> JSONResponse:
+        log.warning("speech request stopped: %s", error)
+        return ApiError(504, str(error), type="server_error", code="timeout").response()
 
     @app.exception_handler(HiggsRunpodError)
     async def worker_error(request: Request, error: HiggsRunpodError) -> JSONResponse:
@@ -313,6 +329,9 @@ async def _chained(
         async for piece in stream.rest():
             yield piece
         complete = True
+    except RequestTimeout as error:  # headers are gone: the connection is aborted instead
+        log.warning("speech request stopped mid-stream: %s", error)
+        raise
     finally:
         if not complete:
             metrics.cancelled.inc()

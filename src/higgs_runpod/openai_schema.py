@@ -100,11 +100,13 @@ def parse_openai_speech(raw: Any, settings: Settings) -> OpenAISpeech:
     try:
         request = parse_request(fields, settings)
     except RequestError as error:
-        raise _in_openai_terms(error, instructions is not None) from None
+        raise in_openai_terms(error, instructions is not None) from None
     return OpenAISpeech(request=request, stream_format=stream_format, model=model)
 
 
-def _in_openai_terms(error: RequestError, scene_from_instructions: bool) -> RequestError:
+def in_openai_terms(error: RequestError, scene_from_instructions: bool = False) -> RequestError:
+    """`error` naming the field as an OpenAI caller knows it (also for errors found later,
+    while the request is planned)."""
     head, _, rest = error.field.partition(".")
     renamed = _OPENAI_NAMES.get(head, head)
     if head == "scene" and scene_from_instructions:

@@ -21,6 +21,7 @@ import io
 import av
 import numpy as np
 
+from .errors import RequestError
 from .tempo import Stretcher
 
 # format -> (container, codec, content type)
@@ -38,6 +39,9 @@ _BITRATES = {"mp3": 128_000, "opus": 64_000, "aac": 128_000}
 _CONTAINER_OPTIONS = {"fflags": "+bitexact"}
 _OGG_OPTIONS = {**_CONTAINER_OPTIONS, "page_duration": "40000"}
 _LENGTHS_IN_HEADER = {"wav", "flac"}
+# Formats with no file for zero samples: an mp3 or ADTS stream is only its frames, and
+# FFmpeg cannot open an Ogg stream without an audio page.
+_NOT_EMPTY = {"mp3", "opus", "aac"}
 
 
 def to_pcm16(samples: np.ndarray) -> np.ndarray:
@@ -114,12 +118,22 @@ class ProgressiveEncoder:
         return self._encode(self._resample(samples, final=False), final=False)
 
     def finish(self) -> bytes:
-        """Flush the filters and the codec, close the file; return its last bytes."""
+        """Flush the filters and the codec, close the file; return its last bytes.
+
+        No audio at all (the model made no complete frame) gives an empty file: a wav or
+        flac header, or no bytes of pcm; formats that cannot be empty raise `RequestError`.
+        """
         if self.finished:
             return b""
         samples = self.stretcher.flush() if self.stretcher is not None else _EMPTY
         data = self._encode(self._resample(samples, final=True), final=True)
         self.finished = True
+        if self.samples_out == 0 and self.format in _NOT_EMPTY:
+            raise RequestError(
+                "format",
+                f"the model made no audio (0 frames), and {self.format} cannot hold none: "
+                "raise max_new_tokens, or ask for wav, flac or pcm",
+            )
         return data
 
     def _resample(self, samples: np.ndarray, final: bool) -> np.ndarray:
@@ -160,8 +174,9 @@ class ProgressiveEncoder:
             self.container.close()
             if self.whole_file is not None:
                 return self.whole_file.getvalue()
-        # A header without audio is not yet a playable file: it waits for the first packet.
-        return self.sink.take() if self.audio_out else b""
+        # A header without audio is not yet a playable file: it waits for the first packet
+        # (or the end of a file with no audio).
+        return self.sink.take() if self.audio_out or final else b""
 
 
 _EMPTY = np.zeros(0, dtype=np.float32)

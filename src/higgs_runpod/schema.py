@@ -32,7 +32,8 @@ from .tempo import MAX_SPEED, MIN_SPEED
 AudioFormat = Literal["wav", "flac", "mp3", "opus", "aac", "pcm"]
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 OPUS_SAMPLE_RATES = (8000, 16000, 24000, 48000)
-SPEAKER_TAG = re.compile(r"\[(SPEAKER\d+)\]")
+# At most three digits: a tag is a small number, and "[SPEAKER<5000 digits>]" stays text.
+SPEAKER_TAG = re.compile(r"\[(SPEAKER[0-9]{1,3})\]")
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
@@ -61,7 +62,7 @@ class DescribedVoice(_Strict):
 
 
 _PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_SPEAKER_NAME = re.compile(r"^SPEAKER\d+$")
+_SPEAKER_NAME = re.compile(r"^SPEAKER[0-9]{1,3}$")
 
 
 def _check_preset_name(name: str) -> str:
@@ -72,7 +73,8 @@ def _check_preset_name(name: str) -> str:
 
 def _check_speaker_name(name: str) -> str:
     if not _SPEAKER_NAME.match(name):
-        raise ValueError(f"speaker {name!r} must be named SPEAKER0, SPEAKER1, ...")
+        shown = name if len(name) <= 20 else name[:20] + "..."
+        raise ValueError(f"speaker {shown!r} must be named SPEAKER0, SPEAKER1, ... SPEAKER999")
     return name
 
 
@@ -144,6 +146,17 @@ class SpeechRequest(_Strict):
         # strict mode refuses 1 for a float field; JSON callers mean 1.0.
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
+    @field_validator("speakers", mode="before")
+    @classmethod
+    def _speakers_limit(cls, value: Any, info: ValidationInfo) -> Any:
+        # Before the entries are validated: 20,000 entries are refused, not each checked.
+        limit = _settings(info).max_speakers
+        if isinstance(value, dict) and len(value) > limit:
+            raise RequestError(
+                "speakers", f"has {len(value)} entries; the limit is {limit} (MAX_SPEAKERS)"
+            )
+        return value
+
     @field_validator("max_new_tokens")
     @classmethod
     def _max_new_tokens_limit(cls, value: int, info: ValidationInfo) -> int:
@@ -173,20 +186,33 @@ class SpeechRequest(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _consistent(self) -> SpeechRequest:
+    def _consistent(self, info: ValidationInfo) -> SpeechRequest:
         if self.format == "opus" and self.sample_rate not in OPUS_SAMPLE_RATES:
             rates = ", ".join(map(str, OPUS_SAMPLE_RATES))
             raise RequestError("sample_rate", f"opus supports {rates}, not {self.sample_rate}")
+        tags = self.speaker_tags
+        limit = _settings(info).max_speakers
+        if len(tags) > limit:
+            raise RequestError(
+                "text", f"uses {len(tags)} speaker tags; the limit is {limit} (MAX_SPEAKERS)"
+            )
         if self.speakers is not None:
             if self.voice is not None:
                 raise RequestError("voice", "give either voice or speakers, not both")
-            missing = sorted(set(self.speaker_tags) - set(self.speakers))
+            if not self.speakers:
+                raise RequestError("speakers", "must name at least one speaker")
+            missing = [tag for tag in tags if tag not in self.speakers]
             if missing:
                 raise RequestError(
                     "speakers", f"text uses [{missing[0]}] but speakers has no {missing[0]}"
                 )
-            if not self.speakers:
-                raise RequestError("speakers", "must name at least one speaker")
+            unused = sorted(set(self.speakers) - set(tags))
+            if unused:
+                raise RequestError(
+                    "speakers",
+                    f"has {unused[0]}, but the text has no [{unused[0]}] tag; give exactly "
+                    "the speakers the text uses",
+                )
         return self
 
     @property

@@ -59,11 +59,39 @@ class Settings(BaseSettings):
         default=False, description="Load the model on the first request instead of at start."
     )
     voices_path: Path = Field(default_factory=_default_voices_path)
-    max_text_chars: int = Field(default=2000, ge=1, description="Longest text said in one go.")
+    max_text_chars: int = Field(
+        default=2000,
+        ge=32,
+        description="Longest text said in one go, and longest chunk once normalised.",
+    )
     max_long_text_chars: int = Field(
         default=100_000, ge=1, description="Longest text when chunking is on (the default)."
     )
     max_new_tokens_limit: int = Field(default=2048, ge=1)
+    max_prompt_tokens: int = Field(
+        default=2048,
+        ge=16,
+        description="Most prompt tokens of one chunk before its context chunks (the chunk's "
+        "text, the scene, the reference audio), checked before any generation.",
+    )
+    max_total_frames: int = Field(
+        default=90_000,
+        ge=1,
+        description="Most audio frames (40 ms each) one request may ask for: its chunks times "
+        "max_new_tokens (90000 is one hour).",
+    )
+    max_speakers: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description="Most distinct [SPEAKERn] tags one text may use (and entries in speakers).",
+    )
+    request_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Deadline of one request (queue job or HTTP), from its start to its last "
+        "byte; a request past it is stopped and answered with a timeout error.",
+    )
     max_ref_audio_bytes: int = Field(default=10_000_000, ge=1)
     max_ref_audio_seconds: float = Field(default=30.0, gt=0)
     audio_url_timeout_s: float = Field(

@@ -155,7 +155,13 @@ class Session:
             if name in message:
                 raise SessionError(f"config.{name}: not allowed here (send text in messages)")
         self.config = {"response_format": "mp3", **message}
-        request = parse_openai_speech({**self.config, "input": _PLACEHOLDER}, self.settings).request
+        speakers = message.get("speakers")
+        # The placeholder uses every speaker's tag, as speakers must be the tags used.
+        placeholder = (
+            " ".join(f"[{name}]" for name in speakers) if isinstance(speakers, dict) else ""
+        )
+        body = {**self.config, "input": f"{placeholder} {_PLACEHOLDER}".strip()}
+        request = parse_openai_speech(body, self.settings).request
         self.seed = request.seed if request.seed is not None else random.randrange(2**32)
         self.config["seed"] = self.seed  # every segment the same seed, as a long text's chunks
         self.request = request.model_copy(update={"seed": self.seed})
