@@ -151,6 +151,16 @@ def test_mp3_streams_as_one_file_and_flush_cuts_a_segment(server: ThreadServer) 
     assert received.events[-1]["type"] == "done"
 
 
+def test_a_dialogue_config_with_speakers_is_accepted(server: ThreadServer) -> None:
+    """`speakers` must be the tags a text uses; the config, checked before any text, is
+    checked as a text that uses them all."""
+    dialogue = {**config(), "speakers": {"SPEAKER0": "alice", "SPEAKER1": "alice"}}
+    del dialogue["voice"]
+    messages = [dialogue, {"text": "[SPEAKER0] Hi. [SPEAKER1] Hello."}, {"close": True}]
+    received, _ = run(session(ws_url(server), messages))
+    assert received.events[-1]["type"] == "done", received.events
+
+
 def error_of(received: Received) -> str:
     errors = [event["message"] for event in received.events if event["type"] == "error"]
     assert len(errors) == 1, received.events

@@ -109,6 +109,7 @@ class Session:
         self.total_chars = 0
         self.unsent = 0  # segments queued, generating or sending
         self.config: dict[str, Any] = {}
+        self.tags = ""  # the speakers' tags, for checking the config and each segment
         self.usage = {"input_tokens": 0, "output_tokens": 0, "audio_frames": 0}
         self.first_queued: float | None = None
         self.first_audio_s: float | None = None
@@ -156,11 +157,11 @@ class Session:
                 raise SessionError(f"config.{name}: not allowed here (send text in messages)")
         self.config = {"response_format": "mp3", **message}
         speakers = message.get("speakers")
-        # The placeholder uses every speaker's tag, as speakers must be the tags used.
-        placeholder = (
-            " ".join(f"[{name}]" for name in speakers) if isinstance(speakers, dict) else ""
-        )
-        body = {**self.config, "input": f"{placeholder} {_PLACEHOLDER}".strip()}
+        # `speakers` must be the tags a text uses, and a segment is a part of the text: each
+        # is checked with every speaker's tag added.
+        if isinstance(speakers, dict):
+            self.tags = " " + " ".join(f"[{name}]" for name in speakers)
+        body = {**self.config, "input": _PLACEHOLDER + self.tags}
         request = parse_openai_speech(body, self.settings).request
         self.seed = request.seed if request.seed is not None else random.randrange(2**32)
         self.config["seed"] = self.seed  # every segment the same seed, as a long text's chunks
@@ -238,7 +239,7 @@ class Session:
         return text
 
     def _queue(self, segment: str) -> None:
-        parse_openai_speech({**self.config, "input": segment}, self.settings)  # its limits
+        parse_openai_speech({**self.config, "input": segment + self.tags}, self.settings)
         if self.first_queued is None:
             self.first_queued = time.perf_counter()
         self.unsent += 1
