@@ -223,7 +223,29 @@ def cases(hostile_url: str) -> list[Case]:
         Case("url-port-99999", _url_voice("http://127.0.0.1:99999/a.wav"), url),
         Case("url-open-bracket", _url_voice("https://[::1"), url),
         Case("url-control-char", _url_voice("https://exa\x01mple.com/a.wav"), url),
-    ]
+        *work_cases(hostile_url),
+    ]  # fmt: skip
+
+
+def work_cases(hostile_url: str) -> list[Case]:
+    """Unbounded work per request and zero-frame results: chunks, frames, prompt tokens,
+    speakers (no download before they are checked), speaker numbers, empty audio."""
+    clip = {"audio_url": f"{hostile_url}/clip.wav", "transcript": "Hello."}
+    many = {f"SPEAKER{n}": {**clip, "audio_url": f"{clip['audio_url']}?{n}"} for n in range(20_000)}
+    unused = {"SPEAKER0": {"description": "a calm voice"}, "SPEAKER1": clip}
+    return [
+        Case("100k-without-spaces", {"text": "x" * 100_000}, "max_new_tokens"),
+        Case("100k-without-spaces-ok", {"text": "x" * 100_000, "max_new_tokens": 4,
+             "chunking": {"context_chunks": 0}}, None),
+        Case("100k-emoji", {"text": "\U0001f600" * 100_000, "max_new_tokens": 4}, "text"),
+        Case("8000-turns", {"text": "[SPEAKER0] a" * 8000}, "max_new_tokens"),
+        Case("20000-speakers", {"text": "[SPEAKER0] Hi.", "speakers": many}, "speakers"),
+        Case("unused-speaker-url", {"text": "[SPEAKER0] Hi.", "speakers": unused}, "speakers"),
+        Case("5000-digit-speaker", {"text": "[SPEAKER" + "9" * 5000 + "] hi",
+             "max_new_tokens": 4, "chunking": {"context_chunks": 0}}, None),
+        Case("zero-frames-wav", {"text": "Hi.", "max_new_tokens": 1, "format": "wav"}, None),
+        Case("zero-frames-mp3", {"text": "Hi.", "max_new_tokens": 1, "format": "mp3"}, "format"),
+    ]  # fmt: skip
 
 
 def openai_body(job_input: dict[str, Any]) -> dict[str, Any]:
