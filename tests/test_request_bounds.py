@@ -161,3 +161,11 @@ def test_zero_frames_give_an_empty_file_or_a_clear_error(
         assert data == b""
     else:
         assert len(decode(data, 24_000).samples) == 0  # FFmpeg opens it: a valid empty file
+
+
+def test_context_chunks_that_would_overflow_the_window_are_dropped(worker: Worker) -> None:
+    """Three chunks of 2000 digits: with two chunks of context the prompt would be over
+    MAX_CONTEXT_TOKENS (4096), so the oldest context goes instead of the job failing."""
+    output = run(worker, {"text": "[SPEAKER" + "9" * 5000 + "] hi", "max_new_tokens": 8})
+    assert "audio_base64" in output, output
+    assert len(output["chunks"]) == 3

@@ -4,7 +4,8 @@ Every chunk is generated with the same voice and the same seed (the request's, o
 drawn here for a long text; the engine draws one for a single chunk). The prompt of chunk k
 also holds the text and the audio codes of the `context_chunks` chunks before it (the
 codes themselves: nothing is decoded and encoded again), so the voice and the pace carry
-on. The chunks' codes are joined and decoded in one pass, so the joins have no clicks.
+on; as many of them as leave room for `max_new_tokens` in the context window, the oldest
+dropped first. The chunks' codes are joined and decoded in one pass, so the joins have no clicks.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def synthesize_chunks(
         if on_chunk is not None:
             on_chunk(index)
         context = history[-context_chunks:] if context_chunks else []
+        context = _fitting(engine, make_conversation, chunk.text, context, params.max_new_tokens)
         started = time.perf_counter()
         result = engine.synthesize(
             make_conversation(chunk.text, context),
@@ -117,3 +119,20 @@ def synthesize_chunks(
         prepare_ms=totals["prepare"],
         generate_ms=totals["generate"],
     )
+
+
+def _fitting(
+    engine: Engine,
+    make_conversation: MakeConversation,
+    text: str,
+    context: list[tuple[str, torch.Tensor]],
+    max_new_tokens: int,
+) -> list[tuple[str, torch.Tensor]]:
+    """The latest of `context` whose prompt leaves room for `max_new_tokens` in a request's
+    context window (MAX_CONTEXT_TOKENS): older chunks are dropped, not the chunk failed."""
+    while context:
+        inputs = engine.prompt_inputs(make_conversation(text, context))
+        if int(inputs["input_ids"].shape[-1]) + max_new_tokens <= engine.context:
+            break
+        context = context[1:]
+    return context
