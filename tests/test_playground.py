@@ -12,7 +12,9 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import uvicorn
@@ -22,6 +24,9 @@ from conftest import free_port, make_wav
 from higgs_runpod.handler import Worker
 from higgs_runpod.http_api import create_app
 from higgs_runpod.settings import Settings
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
@@ -136,3 +141,65 @@ def test_the_key_goes_in_x_api_key(keyed_page_url: str) -> None:
             expect(status).to_contain_text("Done", timeout=60_000)
         finally:
             browser.close()
+
+
+@contextmanager
+def opened(url: str) -> Iterator[Page]:
+    """The page at `url` in headless Chromium, closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (.ci/run)")
+def test_mp3_plays_as_it_arrives(page_url: str) -> None:
+    """MediaSource gets the chunks as they come: playing starts before the response ends."""
+    from playwright.sync_api import expect
+
+    with opened(page_url) as page:
+        page.get_by_label("Text").fill("Streamed into the player.")
+        page.locator("#format").select_option("mp3")
+        page.get_by_label("Seed").fill("3")
+        page.get_by_label("Max length").fill("400")
+        page.get_by_role("button", name="Generate").click()
+        status = page.get_by_role("status")
+        expect(status).to_contain_text("Playing as it arrives", timeout=60_000)
+        expect(status).to_contain_text("Done", timeout=60_000)
+        player = page.locator("#player")
+        assert player.get_attribute("src").startswith("blob:")
+        assert int(player.get_attribute("data-chunks")) > 1
+        buffered = player.evaluate("audio => audio.buffered.end(audio.buffered.length - 1)")
+        assert buffered == pytest.approx(400 * 0.04, abs=0.5)  # every frame, less the delay
+        assert page.locator("#download").get_attribute("download") == "speech.mp3"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (.ci/run)")
+def test_type_as_you_go_over_the_websocket(page_url: str) -> None:
+    """Typed text goes over the WebSocket: a finished sentence is spoken while typing goes
+    on, and Finish speaks the rest."""
+    from playwright.sync_api import expect
+
+    with opened(page_url) as page:
+        page.get_by_label("Seed").fill("5")
+        page.get_by_label("Max length").fill("40")
+        live = page.get_by_label("Say it as I type")
+        live.press_sequentially("Hello there. And", delay=20)
+        segments = page.locator("#segments li")
+        expect(segments).to_have_count(1, timeout=60_000)  # spoken before the text ended
+        expect(segments.first).to_contain_text("Hello there.")
+        live.press_sequentially(" the rest", delay=20)
+        page.get_by_role("button", name="Finish").click()
+        expect(page.locator("#live-status")).to_contain_text("Done", timeout=60_000)
+        expect(segments).to_have_count(2)
+        expect(segments.nth(1)).to_contain_text("And the rest")
+        buffered = page.locator("#live-player").evaluate(
+            "audio => audio.buffered.length ? audio.buffered.end(0) : 0"
+        )
+        assert buffered > 0.5
