@@ -62,7 +62,7 @@ def test_past_the_deadline_before_any_audio_is_a_504(
 
 
 def test_past_the_deadline_mid_stream_the_body_breaks_and_the_worker_serves_on(
-    base_env: dict[str, str], engine: Engine
+    base_env: dict[str, str], engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = app_with(base_env, engine, REQUEST_TIMEOUT_S="1")
     started = time.perf_counter()
@@ -71,6 +71,8 @@ def test_past_the_deadline_mid_stream_the_body_breaks_and_the_worker_serves_on(
     with pytest.raises(RuntimeError, match="response already started"):
         post(app, input="On and on.", max_new_tokens=2048, seed=1)  # ~40 s on this CPU
     assert time.perf_counter() - started < 10
+    assert "stopped mid-stream: the request took longer than 1 s" in caplog.text
+    assert "client disconnected" not in caplog.text  # a timeout is not a client that left
     while engine.running and time.perf_counter() - started < 30:
         time.sleep(0.05)
     assert engine.running == 0

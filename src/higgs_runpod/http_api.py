@@ -322,18 +322,19 @@ async def _chained(
 ) -> AsyncIterator[bytes]:
     """All the audio; the metrics count it once the last piece has gone, or count a
     cancellation when the client left mid-stream (the stream's `rest` stops the engine)."""
-    complete = False
+    client_left = True  # unless the stream ends or runs out of time
     try:
         if first:
             yield first
         async for piece in stream.rest():
             yield piece
-        complete = True
+        client_left = False
     except RequestTimeout as error:  # headers are gone: the connection is aborted instead
+        client_left = False
         log.warning("speech request stopped mid-stream: %s", error)
         raise
     finally:
-        if not complete:
+        if client_left:
             metrics.cancelled.inc()
             log.info("client disconnected mid-stream; generation stopped")
     metrics.generation_seconds.observe(time.perf_counter() - started)
