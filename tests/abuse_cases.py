@@ -4,6 +4,7 @@
                             the job must succeed) and an optional top-level `s3Config`
     openai_body(input)   -> the same input as an OpenAI `/v1/audio/speech` body
     HostileServer()      -> serves the hostile payloads on 127.0.0.1 (`.url`, `.close()`)
+    rebinding(name, a, b) -> a `socket.getaddrinfo` whose `name` is `a` once, then `b`
 
 The payloads are real: an 809-byte brotli body that expands to 1 GiB, an 8 KB FLAC at
 10 Hz with 65535-sample frames, an `ffconcat` playlist, a server that drips a byte at a
@@ -17,9 +18,11 @@ import contextlib
 import functools
 import http.server
 import io
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +150,7 @@ class HostileServer:
                     self.send_error(404)
 
             def do_PUT(self) -> None:
+                hostile.requests.append({":path": self.path, **self.headers})
                 self._s3_error()
 
             def _s3_error(self) -> None:
@@ -254,6 +258,20 @@ def openai_body(job_input: dict[str, Any]) -> dict[str, Any]:
     renamed = {"text": "input", "format": "response_format"}
     body.update({renamed.get(name, name): value for name, value in job_input.items()})
     return body
+
+
+def rebinding(name: str, first: str, then: str) -> Callable[..., Any]:
+    """A stand-in for `socket.getaddrinfo` playing a rebinding DNS server: `name` resolves
+    to `first` once and to `then` ever after; other names resolve as usual."""
+    real_getaddrinfo = socket.getaddrinfo
+    answers = iter([first])
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == name:
+            return real_getaddrinfo(next(answers, then), *args, **kwargs)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    return getaddrinfo
 
 
 def wait_for(condition: Any, timeout_s: float) -> bool:

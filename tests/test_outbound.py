@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import abuse_cases
-from abuse_cases import HostileServer, b64, ffconcat, flac_bomb, wait_for, wav
+from abuse_cases import HostileServer, b64, ffconcat, flac_bomb, rebinding, wait_for, wav
 from higgs_runpod.engine import Engine
 from higgs_runpod.errors import RequestError
 from higgs_runpod.handler import Worker
@@ -89,12 +89,14 @@ def test_embedded_ipv4_decides(address: str, judged: str) -> None:
      ("64:ff9b::808:808", True), ("8.8.8.8", True)],
 )  # fmt: skip
 def test_private_addresses_in_any_form_are_refused(address: str, allowed: bool) -> None:
-    guard = OutboundGuard(load_settings({}))
+    guard = OutboundGuard.from_settings(load_settings({}))
     assert guard.allowed(ipaddress.ip_address(address)) is allowed
 
 
 def test_allowed_networks_open_only_themselves() -> None:
-    guard = OutboundGuard(load_settings({"OUTBOUND_ALLOWED_NETWORKS": "127.0.0.2/32,fd00::/8"}))
+    guard = OutboundGuard.from_settings(
+        load_settings({"OUTBOUND_ALLOWED_NETWORKS": "127.0.0.2/32,fd00::/8"})
+    )
     assert guard.allowed(ipaddress.ip_address("127.0.0.2"))
     assert not guard.allowed(ipaddress.ip_address("64:ff9b::7f00:2"))  # another host's
     assert guard.allowed(ipaddress.ip_address("::ffff:127.0.0.2"))
@@ -128,15 +130,7 @@ def test_dns_rebinding_connects_to_the_address_that_was_checked(
     server): the download must come from 127.0.0.2, with the name in the Host header."""
     public = HostileServer("127.0.0.2")
     internal = HostileServer("127.0.0.1", public.port)
-    answers = iter(["127.0.0.2"])
-    real_getaddrinfo = socket.getaddrinfo
-
-    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "rebind.test":
-            return real_getaddrinfo(next(answers, "127.0.0.1"), *args, **kwargs)
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding("rebind.test", "127.0.0.2", "127.0.0.1"))
     try:
         env = {"OUTBOUND_ALLOWED_NETWORKS": "127.0.0.2/32"}
         clip = fetch(resolver(voices_dir, **env), f"http://rebind.test:{public.port}/clip.wav")

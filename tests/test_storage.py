@@ -376,3 +376,26 @@ def test_an_endpoints_own_error_code_is_not_echoed(
     assert "InternalCode-db7" not in result["error"]
     assert "hunter2" not in result["error"]
     assert "InternalCode-db7" in worker_log(caplog)
+
+
+def test_s3config_endpoint_is_judged_again_when_boto3_sends(
+    s3_worker: Worker, auth_store: AuthStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: `store.test` is moto's 127.0.0.1 (allowed) when the job is planned,
+    then 127.0.0.3 when the upload goes out. The upload is judged on the address it would
+    connect to and refused; the server on 127.0.0.3 hears nothing."""
+    import socket
+
+    from abuse_cases import HostileServer, rebinding
+
+    port = int(auth_store.url.rsplit(":", 1)[1])
+    internal = HostileServer("127.0.0.3", port)
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding("store.test", "127.0.0.1", "127.0.0.3"))
+    s3_config = {"accessId": auth_store.key_id, "accessSecret": auth_store.secret,
+                 "bucketName": "private", "endpointUrl": f"http://store.test:{port}"}  # fmt: skip
+    try:
+        result = run(s3_worker, {"id": "job-rebind", "input": TEXT, "s3Config": s3_config})
+    finally:
+        internal.close()
+    assert result == {"error": "s3Config.endpointUrl: resolves to a private or loopback address"}
+    assert internal.requests == []

@@ -10,7 +10,9 @@ still verifies the certificate against the name, which also goes out as SNI.
 A download is bounded as a whole: one deadline from the lookup to the last byte, a
 minimum average rate, the byte cap counted on the wire (only `identity` encoding is
 accepted, so no decompression bomb), and it runs on the event loop, so a cancelled job
-closes the connection at once instead of leaving a thread reading.
+closes the connection at once instead of leaving a thread reading. boto3's requests to a
+caller's `s3Config.endpointUrl` go through `request_pinned` (storage.py), under the same
+address rules.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import asyncio
 import ipaddress
 import re
 import socket
-from ipaddress import IPv4Address, IPv6Address
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import httpx
 
@@ -44,13 +47,21 @@ def judged_address(address: IPAddress) -> IPAddress:
     return address.sixtofour or address
 
 
+@dataclass(frozen=True)
 class OutboundGuard:
     """The settings' rules for a caller's URL: scheme, syntax, and the addresses allowed."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.allow_http = settings.allow_http_audio_urls
-        self.allow_private = settings.allow_private_audio_urls
-        self.networks = settings.outbound_allowed_networks
+    allow_http: bool = False
+    allow_private: bool = False
+    networks: tuple[IPv4Network | IPv6Network, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutboundGuard:
+        return cls(
+            settings.allow_http_audio_urls,
+            settings.allow_private_audio_urls,
+            settings.outbound_allowed_networks,
+        )
 
     def url(self, raw: str, field: str) -> httpx.URL:
         """Parse `raw` once (the same parse the connection uses); clear errors for bad URLs."""
@@ -105,7 +116,7 @@ class OutboundGuard:
 
 async def download(raw_url: str, field: str, settings: Settings) -> bytes:
     """The body at `raw_url`, within the settings' deadline, rate, size and address rules."""
-    guard = OutboundGuard(settings)
+    guard = OutboundGuard.from_settings(settings)
     url = guard.url(raw_url, field)
     deadline_s = settings.audio_url_timeout_s
     try:
@@ -142,14 +153,12 @@ async def _fetch(
     certificate check; the body is counted raw and must keep the minimum rate."""
     limit = settings.max_ref_audio_bytes
     rate = settings.audio_url_min_bytes_per_s
-    pinned = url.copy_with(host=str(address))
-    headers = {"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"}
-    sni = {"sni_hostname": url.raw_host.decode("ascii")}
+    target, headers, sni = pinned(url, address)
     started = asyncio.get_running_loop().time()
     received = 0
     try:
         async with asyncio.timeout(started + RATE_GRACE_S if rate else None) as pace:
-            async with client.stream("GET", pinned, headers=headers, extensions=sni) as response:
+            async with client.stream("GET", target, headers=headers, extensions=sni) as response:
                 _check_response(response, field, limit)
                 body = bytearray()
                 async for chunk in response.aiter_raw():
@@ -164,6 +173,48 @@ async def _fetch(
         raise RequestError(
             field, f"download is slower than {rate} bytes/s ({received} bytes so far)"
         ) from None
+
+
+def pinned(url: httpx.URL, address: IPAddress) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+    """What connects to `address` but keeps `url`'s name for the Host header, the SNI and
+    the certificate check: the URL, headers and request extensions."""
+    headers = {"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"}
+    return url.copy_with(host=str(address)), headers, {"sni_hostname": url.raw_host.decode()}
+
+
+def request_pinned(
+    guard: OutboundGuard,
+    field: str,
+    request: httpx.Request,
+    timeout: httpx.Timeout,
+    limit: int,
+) -> tuple[httpx.Response, bytes]:
+    """Send `request` (blocking: from a thread) under the download rules: its host judged
+    now, the connection to an address that was judged, the answer read raw up to `limit`
+    bytes. Raises httpx.ConnectError when no address took the connection."""
+    url = guard.url(str(request.url), field)
+    with httpx.Client(trust_env=False, follow_redirects=False, timeout=timeout) as client:
+        for address in guard.addresses(url, field):
+            target, headers, sni = pinned(url, address)
+            merged = request.headers.copy()
+            merged.update(headers)  # replaces, whatever the case of the names
+            attempt = httpx.Request(
+                request.method, target, headers=merged, content=request.content, extensions=sni
+            )
+            try:
+                response = client.send(attempt, stream=True)
+            except httpx.ConnectError:
+                continue
+            try:
+                answer = bytearray()
+                for chunk in response.iter_raw():
+                    answer += chunk
+                    if len(answer) > limit:
+                        raise RequestError(field, f"answered with more than {limit} bytes")
+                return response, bytes(answer)
+            finally:
+                response.close()
+    raise httpx.ConnectError(f"no address of {url.host} took the connection")
 
 
 def _check_response(response: httpx.Response, field: str, limit: int) -> None:

@@ -22,18 +22,21 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import boto3
+import httpx
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 from pydantic import SecretStr
 
 from . import audio
 from .errors import DeliveryError, RequestError
-from .outbound import OutboundGuard
+from .outbound import OutboundGuard, request_pinned
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,9 @@ _AWS_HOST = re.compile(
     r"^(?:(?P<bucket>[a-z0-9][a-z0-9.-]*)\.)?s3[.-](?P<region>[a-z]{2}(?:-[a-z]+)+-\d)"
     r"\.amazonaws\.com$"
 )
+ENDPOINT_FIELD = "s3Config.endpointUrl"
+ENDPOINT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)  # as the boto3 client's own
+ENDPOINT_ANSWER_BYTES = 1_000_000  # S3 answers a PUT in a few hundred bytes
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _S3_ERROR_HINTS = {
     "NoSuchBucket": "the bucket does not exist",
@@ -67,6 +73,7 @@ class Bucket:
     endpoint_url: str | None
     region: str
     source: str  # "the worker's S3 settings" or "the request's s3Config"
+    guard: OutboundGuard | None = None  # a caller's endpoint: requests go through outbound.py
 
 
 @dataclass(frozen=True)
@@ -191,9 +198,10 @@ def bucket_from_s3_config(s3_config: Any, settings: Settings) -> Bucket:
         if field != "endpointUrl" and not values[field]:
             raise RequestError(f"s3Config.{field}", "is required")
     endpoint = values["endpointUrl"]
-    if endpoint:  # the caller's endpoint gets audio_url's rules (boto3 looks the name up again)
-        guard = OutboundGuard(settings)
-        guard.addresses(guard.url(endpoint, "s3Config.endpointUrl"), "s3Config.endpointUrl")
+    guard = None
+    if endpoint:  # the caller's endpoint gets audio_url's rules, now and on every request
+        guard = OutboundGuard.from_settings(settings)
+        guard.addresses(guard.url(endpoint, ENDPOINT_FIELD), ENDPOINT_FIELD)
     endpoint, host_bucket, host_region = _split_aws_endpoint(endpoint)
     return Bucket(
         name=values["bucketName"] or host_bucket or "",
@@ -202,6 +210,7 @@ def bucket_from_s3_config(s3_config: Any, settings: Settings) -> Bucket:
         endpoint_url=endpoint,
         region=host_region or settings.aws_default_region or DEFAULT_REGION,
         source="the request's s3Config",
+        guard=guard,
     )
 
 
@@ -254,7 +263,7 @@ def _client(bucket: Bucket) -> Any:
         read_timeout=60,
         retries={"max_attempts": 3, "mode": "standard"},
     )
-    return boto3.session.Session().client(
+    client = boto3.session.Session().client(
         "s3",
         endpoint_url=bucket.endpoint_url,
         region_name=bucket.region,
@@ -262,6 +271,35 @@ def _client(bucket: Bucket) -> Any:
         aws_secret_access_key=bucket.secret_access_key.get_secret_value(),
         config=config,
     )
+    if bucket.guard is not None:
+        client.meta.events.register("before-send.s3", functools.partial(_send, bucket.guard))
+    return client
+
+
+class _Answer:
+    """A read answer in the shape botocore reads a response's body from."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self.data
+
+
+def _send(guard: OutboundGuard, request: AWSPreparedRequest, **_: Any) -> AWSResponse:
+    """Send boto3's request to a caller's endpoint through outbound.py: the name judged at
+    this moment and the connection made to the judged address (urllib3 would look the name
+    up again: DNS rebinding). Failures become botocore's, so its retries still apply."""
+    body = request.body.read() if hasattr(request.body, "read") else request.body or b""
+    headers = {name: value.decode() if isinstance(value, bytes) else value
+               for name, value in request.headers.items() if name.lower() != "expect"}  # fmt: skip
+    carried = httpx.Request(request.method, request.url, headers=headers, content=body)
+    try:
+        response, answer = request_pinned(guard, ENDPOINT_FIELD, carried, ENDPOINT_TIMEOUT,
+                                          ENDPOINT_ANSWER_BYTES)  # fmt: skip
+    except httpx.HTTPError as error:
+        raise EndpointConnectionError(endpoint_url=request.url, error=error) from None
+    return AWSResponse(request.url, response.status_code, dict(response.headers), _Answer(answer))
 
 
 def _split_aws_endpoint(endpoint: str | None) -> tuple[str | None, str | None, str | None]:
