@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from higgs_runpod.chunking import count_words, split_text
@@ -119,3 +121,13 @@ def test_method_none_refuses_a_text_too_long_once_normalised() -> None:
     assert caught.value.field == "text"
     assert "is 380 characters once normalised" in caught.value.message
     assert "100 (MAX_TEXT_CHARS)" in caught.value.message
+
+
+@pytest.mark.parametrize("method", ["auto", "word", "speaker"])
+def test_no_chunk_of_a_hostile_text_is_over_the_limit(method: str) -> None:
+    """Random mixes of what normalising expands, collapses or adds, and speaker tags."""
+    pieces = ["°F", "[laugh]", "[music start]", "(", ")", " ", "  ", "\n\n", "x", "word ",
+              "\U0001f600", "。", "[SPEAKER1] ", "[SPEAKER0]", "Done. "]  # fmt: skip
+    generator = random.Random(12)
+    for _ in range(30):
+        bounded("".join(generator.choices(pieces, k=generator.randrange(50, 600))), method=method)

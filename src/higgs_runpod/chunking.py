@@ -104,7 +104,7 @@ def _longest_fit(text: str, start: int, end: int, max_chars: int, prefix: str) -
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
     space = max(text.rfind(" ", start, low), text.rfind("\n", start, low))
-    return space + 1 if space > start + (low - start) // 2 else low
+    return space + 1 if space > start + (low - start) // 2 and fits(space + 1) else low
 
 
 def _chunk(text: str, start: int, end: int) -> Chunk:
