@@ -239,8 +239,6 @@ def work_cases(hostile_url: str) -> list[Case]:
     unused = {"SPEAKER0": {"description": "a calm voice"}, "SPEAKER1": clip}
     return [
         Case("100k-without-spaces", {"text": "x" * 100_000}, "max_new_tokens"),
-        Case("100k-without-spaces-ok", {"text": "x" * 100_000, "max_new_tokens": 4,
-             "chunking": {"context_chunks": 0}}, None),
         Case("100k-emoji", {"text": "\U0001f600" * 100_000, "max_new_tokens": 4}, "text"),
         Case("8000-turns", {"text": "[SPEAKER0] a" * 8000}, "max_new_tokens"),
         Case("20000-speakers", {"text": "[SPEAKER0] Hi.", "speakers": many}, "speakers"),
