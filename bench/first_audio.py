@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -89,18 +90,21 @@ async def measure(
     }  # fmt: skip
     for transport, fmt in cells():  # warm-up: encoders, sockets, the engine's first steps
         await probes[transport](url, fmt, steps)
-    results = {}
-    for transport, fmt in cells():
-        probe = probes[transport]
-        alone = [await probe(url, fmt, steps) for _ in range(repeats)]
-        loaded: list[float] = []
-        for _ in range(max(1, repeats // 2)):
-            loaded += await asyncio.gather(*(probe(url, fmt, steps) for _ in range(streams)))
-        results[transport, fmt] = (
-            statistics.median(alone),
-            percentile(loaded, 0.5),
-            percentile(loaded, 0.95),
-        )
+    alone: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells()}
+    loaded: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells()}
+    for round_ in range(repeats):  # cells interleaved, so that drift hits them alike
+        for transport, fmt in cells():
+            probe = probes[transport]
+            alone[transport, fmt].append(await probe(url, fmt, steps))
+            if round_ % 2 == 0:
+                together = (probe(url, fmt, steps) for _ in range(streams))
+                loaded[transport, fmt] += await asyncio.gather(*together)
+        print(f"round {round_ + 1} of {repeats} done", file=sys.stderr, flush=True)
+    results = {
+        cell: (statistics.median(alone[cell]), percentile(loaded[cell], 0.5),
+               percentile(loaded[cell], 0.95))
+        for cell in cells()
+    }  # fmt: skip
     return results
 
 

@@ -221,6 +221,21 @@ def test_bad_messages_and_text_over_the_limits(settings: Settings, worker: Worke
         server.stop()
 
 
+def test_a_sessions_text_is_bounded_in_all(settings: Settings, worker: Worker) -> None:
+    limited = settings.model_copy(update={"higgs_api_key": None, "max_long_text_chars": 50})
+    server = ThreadServer(limited, worker)
+    try:
+        received, _ = run(
+            session(ws_url(server), [config(), {"text": "a " * 20}, {"text": "b " * 8}])
+        )
+        assert "the session has sent 56 characters; the limit is 50 (MAX_LONG_TEXT_CHARS)" in (
+            error_of(received)
+        )
+        assert received.close_code == 1008
+    finally:
+        server.stop()
+
+
 def test_key_by_header_or_subprotocol(settings: Settings, worker: Worker) -> None:
     server = ThreadServer(settings.model_copy(update={"higgs_api_key": SecretStr(KEY)}), worker)
     messages = [config(), {"text": "Keyed."}, {"close": True}]
