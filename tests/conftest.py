@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
+import torch
 import uvicorn
 
 from higgs_runpod.engine import Engine
@@ -83,6 +84,20 @@ def engine(settings: Settings) -> Engine:
 @pytest.fixture(scope="session")
 def worker(settings: Settings, engine: Engine) -> Worker:
     return Worker(settings, engine)
+
+
+class EncodeSpy:
+    """Counts the audio tokenizer's encodes, delegating to the engine's real encoder."""
+
+    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = engine.encode_clip
+
+        def spy(samples: np.ndarray) -> torch.Tensor:
+            self.calls += 1
+            return real(samples)
+
+        monkeypatch.setattr(engine, "encode_clip", spy)
 
 
 def make_wav(seconds: float = 1.0, sample_rate: int = 24_000, freq: float = 220.0) -> bytes:

@@ -23,10 +23,13 @@ def test_response_fields(worker: Worker) -> None:
     output = run(worker, {"text": "Hello", "max_new_tokens": 25, "seed": 3})
     assert set(output) == {
         "delivery", "audio_base64", "size_bytes", "format", "content_type", "sample_rate",
-        "duration_s", "seed", "usage", "chunks", "timings_ms", "real_time_factor",
+        "duration_s", "seed", "usage", "chunks", "timings_ms", "real_time_factor", "voice_codes",
     }  # fmt: skip
     assert (output["format"], output["content_type"], output["seed"]) == ("wav", "audio/wav", 3)
-    assert set(output["timings_ms"]) == {"load", "prepare", "generate", "decode", "encode", "total"}
+    assert set(output["timings_ms"]) == {
+        "load", "prepare", "voice_encode", "generate", "decode", "encode", "total"
+    }  # fmt: skip
+    assert output["voice_codes"] == {"library": 0, "memory": 0, "disk": 0, "encoded": 0}
     assert output["usage"]["generated_tokens"] == 25
     assert output["chunks"] == [
         {

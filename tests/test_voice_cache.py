@@ -10,7 +10,7 @@ import pytest
 import soundfile
 import torch
 
-from conftest import make_wav
+from conftest import EncodeSpy, make_wav
 from higgs_runpod.engine import Engine, SamplingParams
 from higgs_runpod.handler import Worker
 from higgs_runpod.prompts import build_conversation
@@ -24,20 +24,6 @@ def _clip(freq: float = 220.0) -> np.ndarray:
     return samples
 
 
-class _Spy:
-    """Counts calls and delegates to the engine's real encoder."""
-
-    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls = 0
-        real = engine.encode_clip
-
-        def spy(samples: np.ndarray) -> torch.Tensor:
-            self.calls += 1
-            return real(samples)
-
-        monkeypatch.setattr(engine, "encode_clip", spy)
-
-
 def _engine(base_env: dict[str, str], cache_dir: Path, items: int = 8) -> Engine:
     env = {**base_env, "VOICE_CACHE_PATH": str(cache_dir), "VOICE_CACHE_ITEMS": str(items)}
     engine = Engine(load_settings(env))
@@ -49,7 +35,7 @@ def test_hit_skips_the_encoder_and_gives_the_same_codes(
     base_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = _engine(base_env, tmp_path)
-    spy = _Spy(engine, monkeypatch)
+    spy = EncodeSpy(engine, monkeypatch)
     clip = _clip()
     first = engine.clip_codes(clip)
     second = engine.clip_codes(clip.copy())
@@ -63,7 +49,7 @@ def test_a_different_clip_is_encoded(
     base_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = _engine(base_env, tmp_path)
-    spy = _Spy(engine, monkeypatch)
+    spy = EncodeSpy(engine, monkeypatch)
     engine.clip_codes(_clip(220.0))
     engine.clip_codes(_clip(330.0))
     assert spy.calls == 2
@@ -78,7 +64,7 @@ def test_cached_clone_survives_a_restart_through_synthesize(
     before = _engine(base_env, tmp_path).synthesize(conversation, params, decode=False)
 
     restarted = _engine(base_env, tmp_path)  # a new process would start just like this
-    spy = _Spy(restarted, monkeypatch)
+    spy = EncodeSpy(restarted, monkeypatch)
     after = restarted.synthesize(conversation, params, decode=False)
     assert spy.calls == 0
     assert restarted.voice_cache is not None and restarted.voice_cache.disk_hits == 1
@@ -92,7 +78,7 @@ def test_library_voices_are_encoded_at_start_up(
     engine = _engine(base_env, tmp_path)
     worker = Worker(engine.settings, engine)
     assert worker.warm_voices() == 1  # the library holds `alice`
-    spy = _Spy(engine, monkeypatch)
+    spy = EncodeSpy(engine, monkeypatch)
     clip = worker.voices.resolve("alice", "voice")
     assert isinstance(clip, ReferenceClip)
     engine.clip_codes(clip.samples)

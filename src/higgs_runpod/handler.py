@@ -5,6 +5,10 @@
           --decode--> samples --progressive (speed, rate, format)--> Speech
           --storage (inline base64 or S3 upload)--> response (or streamed pieces)
 
+A job whose input has `action` manages the voice library instead (voice_service.py).
+A speech job with `save_voice` keeps its take as a library voice: its generated codes and
+its decoded audio, stored once the audio is made.
+
 `handler` returns one JSON object per job. `stream_handler` (ENABLE_STREAMING) is an
 async generator, which is what RunPod needs to stream: `stream: true` jobs yield audio
 pieces and a final summary; other jobs yield their single response object.
@@ -24,7 +28,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -34,14 +38,17 @@ from . import audio
 from .chunking import Chunk, split_text
 from .engine import Engine, SamplingParams
 from .errors import HiggsRunpodError, RequestError, RequestTimeout
+from .library import list_library
 from .longform import LongSynthesis, MakeConversation, synthesize_chunks
 from .progressive import ProgressiveEncoder
-from .prompts import build_conversation
-from .schema import SpeechRequest, parse_request
+from .prompts import build_conversation, normalize_text
+from .schema import SpeechRequest, VoiceFields, parse_request
 from .settings import Settings, load_settings
 from .storage import Storage
 from .streaming import PieceDecoder, decode_as_streamed
-from .voices import ReferenceClip, ResolvedVoice, VoiceResolver, list_library
+from .voice_cache import CodesShape
+from .voice_service import ACTIONS, Encoder, VoiceService
+from .voices import ReferenceClip, ResolvedVoice, VoiceResolver
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +67,12 @@ class Speech:
     synthesis: LongSynthesis
     timings_ms: dict[str, float]
     frame_rate: float
+    extra: dict[str, Any]  # voice_codes, and saved_voice when the take was kept
 
     def metadata(self) -> dict[str, Any]:
         """Every response field except the audio itself (see the README's response table)."""
-        return _summary(self.synthesis, self.format, self.sample_rate, self.duration_s,
-                        self.timings_ms, self.frame_rate)  # fmt: skip
+        return {**_summary(self.synthesis, self.format, self.sample_rate, self.duration_s,
+                           self.timings_ms, self.frame_rate), **self.extra}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,21 @@ class Plan:
     make_conversation: MakeConversation
     params: SamplingParams
     context_chunks: int
+    voice: ResolvedVoice | None = None  # what make_conversation speaks with
+    speakers: dict[str, ResolvedVoice] | None = None
+
+
+@dataclass(frozen=True)
+class _Codes:
+    """Where a request's reference codes came from (its `voice_codes` response field)."""
+
+    counts: dict[str, int]
+    encode_ms: float  # getting them, encodes included
+
+    @property
+    def voice_encode_ms(self) -> float:
+        """The timings' voice_encode: 0 when no clip went through the audio tokenizer."""
+        return self.encode_ms if self.counts["encoded"] else 0.0
 
 
 class Worker:
@@ -84,6 +107,7 @@ class Worker:
         self.settings = settings
         self.engine = engine or Engine(settings)
         self.voices = VoiceResolver(settings)
+        self.library = VoiceService(settings, self.voices, self._encoder)
         self.storage = Storage(settings)
         # One thread per job that may be generating at once: each blocks on its own request
         # while the engine's decode loop runs it among the others (asyncio's default pool
@@ -97,24 +121,115 @@ class Worker:
         model work itself, on its decode thread."""
         return await asyncio.to_thread(function, *args, **kwargs)
 
+    def load(self) -> float:
+        """Load the engine (once) and tell the voice cache the model's codes shape and the
+        quota; returns the seconds spent."""
+        seconds = self.engine.load()
+        cache, model, processor = self.engine.voice_cache, self.engine.model, self.engine.processor
+        assert cache is not None and model is not None and processor is not None
+        if cache.shape is None:
+            shape = CodesShape(
+                model.config.num_codebooks, processor.audio_tokenizer.config.codebook_size
+            )
+            cache.bind(shape, int(self.settings.voice_cache_max_mb * 1_000_000))
+        return seconds
+
+    def _encoder(self) -> Encoder:
+        self.load()
+        cache = self.engine.voice_cache
+        assert cache is not None
+        return Encoder(self.engine.encode_clip, cache.tokenizer_id, cache.shape)
+
     def warm_voices(self) -> int:
-        """Encode every library voice into the voice cache now, so no request pays for it;
-        returns how many were encoded. A voice that cannot be read is logged and skipped."""
-        warmed = 0
+        """Give every library voice its codes now, so no request encodes one; returns how
+        many had to be encoded. A voice that cannot be read is logged and skipped."""
+        counts = _new_counts()
         for entry in list_library(self.settings.voices_path):
             try:
-                clip = self.voices.resolve(entry.name, "voice")
+                clip = self.voices.library_clip(entry, "voice")
             except RequestError as error:
                 log.warning("library voice %s skipped: %s", entry.name, error.message)
                 continue
-            if isinstance(clip, ReferenceClip):
-                self.engine.clip_codes(clip.samples)
-                warmed += 1
-        return warmed
+            self._with_codes(clip, counts)
+        return counts["encoded"]
+
+    def _with_codes(self, clip: ReferenceClip, counts: dict[str, int]) -> ReferenceClip:
+        """The clip with its codes: a library voice's own, else from the voice cache (which
+        encodes on a miss). A library voice without codes gets them written into it."""
+        encoder = self._encoder()
+        codes = self.library.stored_codes(clip, encoder)
+        if codes is not None:
+            counts["library"] += 1
+        elif clip.library is not None and clip.library.directory is not None:
+            codes = encoder.encode(clip.samples)
+            counts["encoded"] += 1
+            self.library.store.save_codes(clip.library, codes, encoder.tokenizer_id)
+        else:
+            cache = self.engine.voice_cache
+            assert cache is not None
+            codes, source = cache.lookup(clip.samples, encoder.encode)
+            counts[source] += 1
+        return replace(clip, codes=codes)
+
+    def _with_all_codes(self, plan: Plan, request: SpeechRequest) -> tuple[Plan, _Codes]:
+        """Every reference clip of the plan with its codes, and how they were had; a kept
+        take's length bounded by MAX_REF_AUDIO_SECONDS (the model is loaded by now)."""
+        counts = _new_counts()
+        started = time.perf_counter()
+
+        def attach(voice: ResolvedVoice | None) -> Any:
+            return self._with_codes(voice, counts) if isinstance(voice, ReferenceClip) else voice
+
+        speakers = {tag: attach(v) for tag, v in plan.speakers.items()} if plan.speakers else None
+        coded = self._plan(request, plan.chunks, attach(plan.voice), speakers)
+        codes = _Codes(counts, _ms_since(started))
+        if request.save_voice is None:
+            return coded, codes
+        limit = self.settings.max_ref_audio_seconds
+        frames = int(limit * self.engine.frame_rate)
+        if "max_new_tokens" in request.model_fields_set and request.max_new_tokens > frames:
+            raise RequestError(
+                "max_new_tokens",
+                f"must be at most {frames} with save_voice: a kept take is at most "
+                f"{limit:g} s (MAX_REF_AUDIO_SECONDS)",
+            )
+        params = replace(coded.params, max_new_tokens=min(coded.params.max_new_tokens, frames))
+        return replace(coded, params=params), codes
+
+    async def action(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """A voice-library job (`voice.create`, `voice.list`, `voice.get`, `voice.delete`)."""
+        fields = dict(raw)
+        action = fields.pop("action")
+        if action not in ACTIONS:
+            raise RequestError("action", f"must be one of {', '.join(ACTIONS)}")
+        if action == "voice.list":
+            _no_fields(fields, set())
+            return await asyncio.to_thread(self.library.list)
+        if action == "voice.create":
+            return (await self.library.create(fields)).public()
+        _no_fields(fields, {"name", "audio"} if action == "voice.get" else {"name"})
+        name = fields.get("name")
+        if not isinstance(name, str):
+            raise RequestError("name", "is required")
+        if action == "voice.delete":
+            await asyncio.to_thread(self.library.delete, name, self._forget)
+            return {"deleted": name}
+        voice = self.library.get(name)
+        result = voice.public()
+        if fields.get("audio") is True:
+            clip = await asyncio.to_thread(voice.audio_path.read_bytes)
+            result["audio_base64"] = _b64(clip)
+        return result
+
+    def _forget(self, samples: Any) -> None:
+        if self.engine.voice_cache is not None:
+            self.engine.voice_cache.forget(samples)
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job to a single response; never raises (RunPod would send a traceback)."""
         try:
+            if _is_action(job.get("input")):
+                return await self._in_time(self.action(job["input"]))
             request = parse_request(job.get("input"), self.settings)
             if request.stream:
                 raise RequestError(
@@ -127,6 +242,9 @@ class Worker:
     async def handle_stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Run one job as a stream of outputs; errors end it with `{"error": ...}`."""
         try:
+            if _is_action(job.get("input")):
+                yield await self._in_time(self.action(job["input"]))
+                return
             request = parse_request(job.get("input"), self.settings)
             if request.stream:
                 pieces = self.stream(request, progress=_progress_reporter(job))
@@ -170,12 +288,17 @@ class Worker:
         `cancel` lets a front whose caller went away stop the generation (see Engine).
         """
         started = time.perf_counter()
-        plan, resolve_ms, load_ms = await self._ready(request)
+        plan, resolve_ms, load_ms, codes = await self._ready(request)
         counter = _FrameCounter(progress, len(plan.chunks))
         synthesis = await self.generate(plan, counter.frames, counter.chunk, cancel)
         decode_start = time.perf_counter()
         samples = await self.on_engine_thread(self._decode, synthesis.codes)
         decode_ms = _ms_since(decode_start)
+        extra: dict[str, Any] = {"voice_codes": codes.counts}
+        if request.save_voice is not None:
+            extra["saved_voice"] = await asyncio.to_thread(
+                self._keep_take, request, synthesis, samples
+            )
         encode_start = time.perf_counter()
         encoded, duration_s = await asyncio.to_thread(
             _encode, samples, self.engine.sample_rate, request
@@ -187,9 +310,11 @@ class Worker:
             duration_s=duration_s,
             synthesis=synthesis,
             frame_rate=self.engine.frame_rate,
+            extra=extra,
             timings_ms={
                 "load": load_ms,
-                "prepare": resolve_ms + synthesis.prepare_ms,
+                "prepare": resolve_ms + codes.encode_ms + synthesis.prepare_ms,
+                "voice_encode": codes.voice_encode_ms,
                 "generate": synthesis.generate_ms,
                 "decode": decode_ms,
                 "encode": _ms_since(encode_start),
@@ -217,7 +342,7 @@ class Worker:
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Audio pieces as frames complete, then a summary with usage and timings."""
         started = time.perf_counter()
-        plan, resolve_ms, load_ms = await self._ready(request)
+        plan, resolve_ms, load_ms, codes = await self._ready(request)
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue[torch.Tensor | None] = asyncio.Queue()
         counter = _FrameCounter(progress, len(plan.chunks))
@@ -255,13 +380,20 @@ class Worker:
         finally:
             if not generation.done():
                 generation.cancel()
-        timings = {"load": load_ms, "prepare": resolve_ms + synthesis.prepare_ms,
+        extra: dict[str, Any] = {"voice_codes": codes.counts}
+        if request.save_voice is not None:
+            samples = await self.on_engine_thread(self._decode, synthesis.codes)
+            extra["saved_voice"] = await asyncio.to_thread(
+                self._keep_take, request, synthesis, samples
+            )
+        timings = {"load": load_ms, "prepare": resolve_ms + codes.encode_ms + synthesis.prepare_ms,
+                   "voice_encode": codes.voice_encode_ms,
                    "generate": synthesis.generate_ms, "first_audio": pieces.first_audio_ms or 0.0,
                    "total": _ms_since(started)}  # fmt: skip
         duration_s = encoder.samples_out / request.sample_rate
         yield {"done": True, "pieces": pieces.index,
                **_summary(synthesis, request.format, request.sample_rate, duration_s, timings,
-                          self.engine.frame_rate)}  # fmt: skip
+                          self.engine.frame_rate), **extra}  # fmt: skip
 
     async def generate(
         self,
@@ -289,15 +421,17 @@ class Worker:
             cancel.set()
             raise
 
-    async def _ready(self, request: SpeechRequest) -> tuple[Plan, float, float]:
-        """The request planned, the model loaded and the prompt checked, before any
-        generation: (plan, milliseconds planning, milliseconds waiting for the model)."""
+    async def _ready(self, request: SpeechRequest) -> tuple[Plan, float, float, _Codes]:
+        """The request planned, the model loaded, the clips' codes had and the prompt
+        checked, before any generation: (plan, milliseconds planning, milliseconds waiting
+        for the model, where the codes came from)."""
         started = time.perf_counter()
         plan = await self.plan(request)
         resolve_ms = _ms_since(started)
-        load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
+        load_ms = await self.on_engine_thread(self.load) * 1000.0
+        plan, codes = await asyncio.to_thread(self._with_all_codes, plan, request)
         await asyncio.to_thread(self._check_prompt, plan)
-        return plan, resolve_ms, load_ms
+        return plan, resolve_ms, load_ms, codes
 
     def _check_prompt(self, plan: Plan) -> None:
         """Refuse a chunk whose prompt (before context chunks) is over MAX_PROMPT_TOKENS.
@@ -322,6 +456,8 @@ class Worker:
         voices (downloads on the event loop, decoding in threads): every check that needs
         no model comes before any download."""
         chunks = await asyncio.to_thread(self._chunks, request)
+        if request.save_voice is not None:
+            await asyncio.to_thread(self._check_keepable, request, chunks)
         resolve = self.voices.resolve_async
         voice = await resolve(request.voice, "voice") if request.voice is not None else None
         speakers = None
@@ -361,6 +497,8 @@ class Worker:
         return Plan(
             chunks=chunks,
             make_conversation=make_conversation,
+            voice=voice,
+            speakers=speakers,
             params=SamplingParams(
                 temperature=request.temperature,
                 top_p=request.top_p,
@@ -372,6 +510,49 @@ class Worker:
             ),
             context_chunks=request.chunking.context_chunks,
         )
+
+    def _check_keepable(self, request: SpeechRequest, chunks: list[Chunk]) -> None:
+        """Refuse, before any download or generation, a take that could not be kept."""
+        save = request.save_voice
+        assert save is not None
+        if request.speakers is not None or len(request.speaker_tags) > 1:
+            raise RequestError("save_voice", "only a single-voice take can be kept (no speakers)")
+        if len(chunks) != 1:
+            raise RequestError(
+                "save_voice",
+                f"the text makes {len(chunks)} chunks; only a single-chunk take can be kept",
+            )
+        self.library.check_new(save.name, save.consent, save.overwrite, "save_voice.name")
+
+    def _keep_take(self, request: SpeechRequest, synthesis: LongSynthesis, samples: Any) -> Any:
+        """The take as a library voice: its audio as the clip, its codes as they are."""
+        save = request.save_voice
+        assert save is not None
+        fields = VoiceFields(
+            name=save.name,
+            transcript=normalize_text(request.text),
+            description=save.description,
+            consent=save.consent,
+            overwrite=save.overwrite,
+        )
+        voice = self.library.add(
+            save.name, samples, fields, source="take", field="save_voice", codes=synthesis.codes
+        )
+        return voice.public()
+
+
+def _new_counts() -> dict[str, int]:
+    return {"library": 0, "memory": 0, "disk": 0, "encoded": 0}
+
+
+def _is_action(raw: Any) -> bool:
+    return isinstance(raw, dict) and "action" in raw
+
+
+def _no_fields(fields: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise RequestError(unknown[0], "unknown field")
 
 
 class _FrameCounter:

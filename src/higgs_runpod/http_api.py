@@ -35,24 +35,18 @@ from .handler import Worker, within
 from .health import mark_ready
 from .http_guard import ApiError, ClientGone, CloseUnread, authorize, read_json, require_json
 from .http_metrics import CONTENT_TYPE, CountRequests, Metrics
-from .openai_schema import (
-    MODEL_ALIASES,
-    MODEL_ID,
-    OPENAI_VOICES,
-    in_openai_terms,
-    map_voice,
-    parse_openai_speech,
-)
+from .http_voices import VOICES_ROUTE, voice_router
+from .library import VoiceExistsError, VoiceLimitError, VoiceNotFoundError
+from .openai_schema import MODEL_ALIASES, MODEL_ID, in_openai_terms, parse_openai_speech
 from .schema import SpeechRequest
 from .settings import Settings
 from .speech_ws import STREAM_ROUTE, speech_stream
-from .voices import list_library
 
 log = logging.getLogger(__name__)
 
 SPEECH_ROUTE = "/v1/audio/speech"
 _INTERNAL = "internal error while generating speech; the worker log has the details"
-ROUTES = frozenset({"/", "/ping", "/metrics", "/v1/models", "/v1/audio/voices", SPEECH_ROUTE})
+ROUTES = frozenset({"/", "/ping", "/metrics", "/v1/models", VOICES_ROUTE, SPEECH_ROUTE})
 
 
 class Service:
@@ -129,6 +123,7 @@ class AudioStream:
         self.on_close = on_close
         self.cancel = threading.Event()
         self.usage: dict[str, int] | None = None  # known once the audio is complete
+        self.summary: dict[str, Any] = {}  # the worker's summary, once the audio is complete
         self.duration_s = 0.0
         self.first_audio_s: float | None = None
         self._started = time.perf_counter()
@@ -157,6 +152,7 @@ class AudioStream:
                     yield base64.b64decode(item["audio_base64"])
                 else:
                     self.usage, self.duration_s = item["usage"], item["duration_s"]
+                    self.summary = item
         finally:
             self.on_close()
 
@@ -205,18 +201,6 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         data = [{"id": i, "object": "model", "created": 0, "owned_by": "bosonai"} for i in ids]
         return {"object": "list", "data": data}
 
-    @api.get("/v1/audio/voices")
-    async def voices() -> dict[str, Any]:
-        library = [v.name for v in list_library(settings.voices_path)]
-        openai = {name: map_voice(name, settings) for name in OPENAI_VOICES}
-        entries = [{"id": n, "name": n, "type": "library"} for n in library]
-        entries += [
-            {"id": n, "name": n, "type": "openai", "maps_to": target or "smart voice"}
-            for n, target in openai.items()
-            if n not in library
-        ]
-        return {"voices": entries}
-
     @api.post(SPEECH_ROUTE, dependencies=[Depends(require_json)])
     async def speech(request: Request) -> Response:
         service.admit()  # before the body: a slow sender holds a place, and only for so long
@@ -244,6 +228,12 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
             "X-Time-To-First-Audio-Ms": f"{stream.first_audio_s * 1000:.1f}",
         }
         pieces = _chained(first, stream, service.metrics, started)
+        if parsed.request.save_voice is not None:
+            # The voice is kept after the last frame: wait for it, so that the answer can
+            # say it was kept (X-Saved-Voice) or fail with why it was not.
+            whole = b"".join([piece async for piece in pieces])
+            headers["X-Saved-Voice"] = stream.summary["saved_voice"]["name"]
+            pieces = _once(whole)
         if parsed.stream_format == "sse":
             events = _sse_events(pieces, stream)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
@@ -252,6 +242,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
 
     app.include_router(api)
     app.add_api_websocket_route(STREAM_ROUTE, speech_stream)  # checks its key itself
+    app.include_router(voice_router(service, [Depends(authorize)]))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -263,7 +254,13 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
-        return ApiError(400, str(error), param=error.field or None).response()
+        status, code = 400, None
+        if isinstance(error, VoiceNotFoundError):
+            status, code = 404, "voice_not_found"
+        elif isinstance(error, VoiceExistsError | VoiceLimitError):
+            status = 409
+            code = "voice_exists" if isinstance(error, VoiceExistsError) else "voice_limit"
+        return ApiError(status, str(error), param=error.field or None, code=code).response()
 
     @app.exception_handler(RequestTimeout)
     async def timeout_error(request: Request, error: RequestTimeout) -> JSONResponse:
@@ -341,6 +338,10 @@ async def _chained(
     metrics.audio_seconds.inc(stream.duration_s)
 
 
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
 async def _sse_events(pieces: AsyncIterator[bytes], stream: AudioStream) -> AsyncIterator[bytes]:
     """OpenAI's speech SSE: `speech.audio.delta` events (base64 audio), then `done`."""
     async for piece in pieces:
@@ -348,7 +349,11 @@ async def _sse_events(pieces: AsyncIterator[bytes], stream: AudioStream) -> Asyn
     assert stream.usage is not None
     prompt, generated = stream.usage["prompt_tokens"], stream.usage["generated_tokens"]
     usage = {"input_tokens": prompt, "output_tokens": generated, "total_tokens": prompt + generated}
-    yield _event({"type": "speech.audio.done", "usage": usage})
+    # Beyond OpenAI's fields: how the reference codes were had, and the kept voice.
+    extra = {
+        key: stream.summary[key] for key in ("voice_codes", "saved_voice") if key in stream.summary
+    }
+    yield _event({"type": "speech.audio.done", "usage": usage, **extra})
 
 
 def _event(payload: dict[str, Any]) -> bytes:

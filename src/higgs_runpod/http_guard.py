@@ -120,8 +120,8 @@ def require_json(request: Request) -> None:
     )
 
 
-async def read_json(request: Request, limit: int, timeout_s: float) -> Any:
-    """The body as JSON: at most `limit` bytes, all of it within `timeout_s`."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body: at most `limit` bytes, all of it within `timeout_s`."""
     too_large = ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -141,6 +141,12 @@ async def read_json(request: Request, limit: int, timeout_s: float) -> Any:
         ) from None
     except ClientDisconnect:
         raise ClientGone from None
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int, timeout_s: float) -> Any:
+    """The body as JSON, read as `read_body` reads it."""
+    body = await read_body(request, limit, timeout_s)
     try:
         return json.loads(body)
     except RecursionError:

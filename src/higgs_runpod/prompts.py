@@ -68,6 +68,9 @@ def _text(value: str) -> dict[str, Any]:
 
 
 def _audio(clip: ReferenceClip) -> dict[str, Any]:
+    """Its codes when the worker has them already (library or cache), else its samples."""
+    if clip.codes is not None:
+        return {"type": "audio", "codes": clip.codes}
     return {"type": "audio", "audio": clip.samples}
 
 

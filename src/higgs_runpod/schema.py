@@ -119,6 +119,27 @@ class ChunkingOptions(_Strict):
     context_chunks: int = Field(default=2, ge=0, le=16)
 
 
+class SaveVoice(_Strict):
+    """Keep the take as a library voice (see library.py); the name is checked by the library."""
+
+    name: str = Field(max_length=64)
+    overwrite: bool = False
+    description: NonEmpty | None = Field(default=None, max_length=500)
+    consent: NonEmpty | None = Field(default=None, max_length=500)
+
+
+class VoiceFields(_Strict):
+    """A new library voice, from the queue API's `voice.create` or an HTTP create."""
+
+    name: str = Field(max_length=64)
+    transcript: NonEmpty = Field(max_length=2000)
+    description: NonEmpty | None = Field(default=None, max_length=500)
+    consent: NonEmpty | None = Field(default=None, max_length=500)
+    overwrite: bool = False
+    audio_base64: NonEmpty | None = None
+    audio_url: NonEmpty | None = Field(default=None, max_length=2048)
+
+
 class SpeechRequest(_Strict):
     """One text-to-speech job. Defaults follow upstream Higgs Audio v2 serving."""
 
@@ -139,6 +160,7 @@ class SpeechRequest(_Strict):
     chunking: ChunkingOptions = ChunkingOptions()
     stream: bool = False
     output: Literal["inline", "s3"] | None = None  # None: s3 when a bucket is configured
+    save_voice: SaveVoice | None = None
 
     @field_validator("temperature", "top_p", "speed", mode="before")
     @classmethod
@@ -233,6 +255,16 @@ def parse_request(raw: Any, settings: Settings) -> SpeechRequest:
         return SpeechRequest.model_validate(raw, context={"settings": settings})
     except RequestError:
         raise
+    except ValidationError as error:
+        raise _as_request_error(error) from None
+
+
+def parse_voice_fields(raw: Any) -> VoiceFields:
+    """Validate a voice create's fields (JSON, a form's text fields, or a queue job)."""
+    if not isinstance(raw, dict):
+        raise RequestError("input", "must be a JSON object")
+    try:
+        return VoiceFields.model_validate(raw)
     except ValidationError as error:
         raise _as_request_error(error) from None
 

@@ -218,6 +218,23 @@ class Settings(BaseSettings):
         "workers; default /runpod-volume/voice-cache when the volume is mounted, else unset "
         "(memory only).",
     )
+    voice_cache_max_mb: float = Field(
+        default=1024.0,
+        gt=0,
+        description="Most megabytes of encoded clips in VOICE_CACHE_PATH; beyond it the files "
+        "used longest ago are deleted (library voices keep their codes in their own folder).",
+    )
+    max_voices: int = Field(
+        default=1000, ge=0, description="Most voices the library may hold (creates refused beyond)."
+    )
+    voice_require_consent: bool = Field(
+        default=False, description="Refuse a new library voice (or a kept take) without `consent`."
+    )
+    voice_allow_openai_names: bool = Field(
+        default=False,
+        description="Let library voices take OpenAI's voice names (alloy, echo, ...), which then "
+        "win over OPENAI_VOICE_MAP; off, those names are reserved.",
+    )
     max_batch_size: int = Field(
         default=8,
         ge=1,

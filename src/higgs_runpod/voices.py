@@ -3,8 +3,9 @@
 Every voice a request can name ends up as one of two things the prompt builder uses:
 a `ReferenceClip` (24 kHz mono samples plus their transcript, for cloning) or a
 `VoiceDescription` (words describing the voice). Clip bytes come from the library
-(`VOICES_PATH/NAME.wav|flac|mp3` with `NAME.txt`), from base64 in the request, or from an
-https URL fetched by outbound.py (size cap, deadline, minimum rate, no private addresses).
+(library.py, on VOICES_PATH), from base64 in the request, or from an https URL fetched by
+outbound.py (size cap, deadline, minimum rate, no private addresses). A library clip keeps
+a note of its voice, whose stored codes the worker uses instead of encoding the clip.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import asyncio
 import base64
 import binascii
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import audio, outbound
 from .errors import RequestError
+from .library import LibraryVoice, codes_digest, find_voice, list_library
 from .schema import CloneFromBase64, CloneFromUrl, DescribedVoice, Voice
 from .settings import Settings
 
 SAMPLE_RATE = 24_000
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
 MIN_CLIP_SECONDS = 0.5
 LISTED_VOICES = 20  # names an unknown-voice error lists
 
@@ -32,6 +33,9 @@ LISTED_VOICES = 20  # names an unknown-voice error lists
 class ReferenceClip:
     samples: np.ndarray  # float32 mono at SAMPLE_RATE
     transcript: str
+    codes: torch.Tensor | None = None  # (frames, codebooks), once known: no encode
+    library: LibraryVoice | None = None  # the library voice it came from
+    clip_digest: str | None = None  # of the library clip's bytes (see library.codes_digest)
 
 
 @dataclass(frozen=True)
@@ -40,25 +44,6 @@ class VoiceDescription:
 
 
 ResolvedVoice = ReferenceClip | VoiceDescription
-
-
-@dataclass(frozen=True)
-class LibraryVoice:
-    name: str
-    audio_path: Path
-    transcript_path: Path
-
-
-def list_library(voices_path: Path) -> list[LibraryVoice]:
-    """Voices in the library: an audio file with a transcript beside it, sorted by name."""
-    if not voices_path.is_dir():
-        return []
-    found: dict[str, LibraryVoice] = {}
-    for path in sorted(voices_path.iterdir()):
-        transcript = path.with_suffix(".txt")
-        if path.suffix.lower() in AUDIO_SUFFIXES and transcript.is_file():
-            found.setdefault(path.stem, LibraryVoice(path.stem, path, transcript))
-    return list(found.values())
 
 
 class VoiceResolver:
@@ -88,15 +73,33 @@ class VoiceResolver:
         raise TypeError(f"unknown voice type {type(voice).__name__}")
 
     def _preset(self, name: str, field: str) -> ReferenceClip:
-        for entry in list_library(self.settings.voices_path):
-            if entry.name == name:
-                transcript = entry.transcript_path.read_text(encoding="utf-8").strip()
-                return self._clip(entry.audio_path.read_bytes(), transcript, field)
+        entry = find_voice(self.settings.voices_path, name)
+        if entry is not None:
+            return self.library_clip(entry, field)
         names = [v.name for v in list_library(self.settings.voices_path)]
         known = ", ".join(names[:LISTED_VOICES]) or "none"
         if len(names) > LISTED_VOICES:  # a big library would make every typo a long read
             known += f" and {len(names) - LISTED_VOICES} more"
         raise RequestError(field, f"unknown voice {name!r} (library voices: {known})")
+
+    def library_clip(self, entry: LibraryVoice, field: str) -> ReferenceClip:
+        """A library voice's clip, decoded (and limited) like any other."""
+        try:
+            data = entry.audio_path.read_bytes()
+        except OSError:  # deleted by another worker since it was listed
+            raise RequestError(field, f"unknown voice {entry.name!r}") from None
+        clip = self.clip(data, entry.transcript, field)
+        return ReferenceClip(
+            clip.samples, clip.transcript, library=entry, clip_digest=codes_digest(data)
+        )
+
+    def clip(self, data: bytes, transcript: str, field: str) -> ReferenceClip:
+        """Clip bytes in any format (the caller's or the library's), with the clip limits."""
+        return self._clip(data, transcript, field)
+
+    def decode_base64(self, text: str, field: str) -> bytes:
+        """A clip's bytes from base64, with the same size limit as a voice's audio_base64."""
+        return self._base64(text, field)
 
     def _base64(self, text: str, field: str) -> bytes:
         limit = self.settings.max_ref_audio_bytes
