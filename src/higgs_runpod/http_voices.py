@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from . import audio
 from .http_guard import ApiError, read_body
 from .openai_schema import OPENAI_VOICES, map_voice
 
@@ -90,7 +91,12 @@ def voice_router(service: Service, dependencies: list[Any]) -> APIRouter:
     async def clip(name: str) -> Response:
         voice = await asyncio.to_thread(library.get, name)
         data = await asyncio.to_thread(voice.audio_path.read_bytes)
-        media_type = mimetypes.guess_type(voice.audio_path.name)[0] or "application/octet-stream"
+        suffix = voice.audio_path.suffix.lstrip(".").lower()
+        media_type = (
+            audio.CONTENT_TYPES.get(suffix)
+            or mimetypes.guess_type(voice.audio_path.name)[0]
+            or "application/octet-stream"
+        )
         return Response(data, media_type=media_type)
 
     @router.delete(VOICES_ROUTE + "/{name}")
