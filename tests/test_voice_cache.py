@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +13,12 @@ import pytest
 import soundfile
 import torch
 
-from conftest import EncodeSpy, make_wav
+from conftest import EncodeSpy, b64, make_wav
 from higgs_runpod.engine import Engine, SamplingParams
 from higgs_runpod.handler import Worker
 from higgs_runpod.prompts import build_conversation
 from higgs_runpod.settings import load_settings
-from higgs_runpod.voice_cache import VoiceCache, tokenizer_identity
+from higgs_runpod.voice_cache import STALE_PARTIAL_S, CodesShape, VoiceCache, tokenizer_identity
 from higgs_runpod.voices import ReferenceClip
 
 
@@ -131,3 +134,93 @@ def test_identity_without_a_commit_follows_the_files(tmp_path: Path) -> None:
     assert tokenizer_identity(tmp_path, "abc") == "commit:abc"
     (tmp_path / "model.safetensors").write_bytes(b"x")
     assert tokenizer_identity(tmp_path, None) != before
+
+
+SHAPE = CodesShape(codebooks=3, codebook_size=16)
+
+
+@pytest.mark.parametrize(
+    ("planted", "why"),
+    [
+        (torch.zeros((2, 3)), "float32, not int64"),
+        (torch.zeros((2, 4), dtype=torch.long), "shape (2, 4), not (frames, 3)"),
+        (torch.zeros((2, 3, 1), dtype=torch.long), "shape (2, 3, 1)"),
+        (torch.zeros((0, 3), dtype=torch.long), "shape (0, 3)"),
+        (torch.full((2, 3), 16, dtype=torch.long), "codes 16..16, outside 0..15"),
+        (torch.full((2, 3), -1, dtype=torch.long), "codes -1..-1, outside 0..15"),
+        ({"codes": torch.zeros((2, 3), dtype=torch.long)}, "holds dict, not a tensor"),
+    ],
+)
+def test_a_foreign_file_on_the_volume_is_refused(
+    tmp_path: Path, planted: object, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only codes this model can take are loaded; anything else is encoded again."""
+    clip = np.ones(10, dtype=np.float32)
+    cache = VoiceCache("commit:one", 4, tmp_path)
+    cache.bind(SHAPE, None)
+    cache.codes(clip, lambda s: torch.zeros((2, 3), dtype=torch.long))
+    [file] = tmp_path.rglob("*.pt")
+    torch.save(planted, file)
+    fresh = VoiceCache("commit:one", 4, tmp_path)
+    fresh.bind(SHAPE, None)
+    codes = fresh.codes(clip, lambda s: torch.ones((2, 3), dtype=torch.long))
+    assert fresh.misses == 1 and int(codes.sum()) == 6
+    assert why in caplog.text
+
+
+def test_a_worker_checks_cache_files_against_its_model(
+    base_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a request: out-of-range codes planted for a clip are not put in a prompt."""
+    clip = make_wav(seconds=1.0, freq=410.0)
+    job = {
+        "text": "Hi.",
+        "max_new_tokens": 4,
+        "voice": {"audio_base64": b64(clip), "transcript": "t"},
+    }
+    worker = Worker(_engine(base_env, tmp_path).settings)
+    assert asyncio.run(worker.handle({"input": job}))["voice_codes"]["encoded"] == 1
+    [file] = tmp_path.rglob("*.pt")
+    good = torch.load(file, weights_only=True)
+    torch.save(torch.full_like(good, 10**6), file)
+    again = Worker(worker.settings)
+    spy = EncodeSpy(again.engine, monkeypatch)
+    output = asyncio.run(again.handle({"input": job}))
+    assert output["voice_codes"]["encoded"] == 1 and spy.calls == 1
+    assert torch.equal(torch.load(file, weights_only=True), good)  # rewritten
+
+
+def test_the_disk_quota_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    def encode(samples: np.ndarray) -> torch.Tensor:
+        return torch.full((100, 3), int(samples[0]), dtype=torch.long)
+
+    cache = VoiceCache("commit:one", 0, tmp_path)  # nothing in memory: every use is the disk's
+    cache.codes(np.full(10, 1.0, dtype=np.float32), encode)
+    [one] = tmp_path.rglob("*.pt")
+    size = one.stat().st_size
+    cache.bind(SHAPE, max_bytes=int(2.5 * size))  # room for two files
+    clips = [np.full(10, value, dtype=np.float32) for value in (1.0, 2.0, 3.0)]
+    cache.codes(clips[1], encode)
+    old = time.time() - 100
+    for index, file in enumerate(sorted(tmp_path.rglob("*.pt"), key=lambda f: f.stat().st_mtime)):
+        os.utime(file, (old + index, old + index))
+    cache.codes(clips[0], encode)  # a disk hit: clip 1 is now the most recently used
+    assert cache.disk_hits == 1
+    cache.codes(clips[2], encode)  # over the quota: clip 2, used longest ago, goes
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*.pt")) <= 2.5 * size
+    kept = {cache.key(c) for c in clips if (cache.directory / f"{cache.key(c)}.pt").exists()}  # type: ignore[operator]
+    assert kept == {cache.key(clips[0]), cache.key(clips[2])}
+
+
+def test_stale_partial_files_are_swept(tmp_path: Path) -> None:
+    cache = VoiceCache("commit:one", 0, tmp_path)
+    cache.bind(SHAPE, max_bytes=10_000_000)
+    cache.codes(np.ones(10, dtype=np.float32), lambda s: torch.zeros((2, 3), dtype=torch.long))
+    assert cache.directory is not None
+    stale, fresh = cache.directory / ".a.pt.1.2.partial", cache.directory / ".b.pt.1.3.partial"
+    stale.write_bytes(b"torn")
+    fresh.write_bytes(b"being written")
+    old = time.time() - 2 * STALE_PARTIAL_S
+    os.utime(stale, (old, old))
+    cache.codes(np.zeros(10, dtype=np.float32), lambda s: torch.zeros((2, 3), dtype=torch.long))
+    assert not stale.exists() and fresh.exists()
