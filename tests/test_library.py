@@ -268,7 +268,7 @@ def test_takes_that_cannot_be_kept_are_refused_before_generating(
     worker = library_worker(settings, engine, tmp_path)
     create(worker, "taken")
     generated: list[object] = []
-    monkeypatch.setattr(worker, "_generate", lambda *args, **kw: generated.append(args))
+    monkeypatch.setattr(worker, "generate", lambda *args, **kw: generated.append(args))
     error = run(worker, {"save_voice": {"name": "new"}, **job})["error"]
     assert message in error
     assert generated == []

@@ -269,9 +269,8 @@ def _voices_local(action: str, args: argparse.Namespace) -> int:
     elif action == "add":
         fields = {"name": args.name, "transcript": args.transcript, "overwrite": args.overwrite,
                   "description": args.description, "consent": args.consent}  # fmt: skip
-        made = service.create(
-            {k: v for k, v in fields.items() if v is not None}, args.clip.read_bytes()
-        )
+        given = {key: value for key, value in fields.items() if value is not None}
+        made = asyncio.run(service.create(given, args.clip.read_bytes()))
         print(json.dumps(made.public()))  # noqa: T201
     elif action == "get":
         print(json.dumps(service.get(args.name).public()))  # noqa: T201

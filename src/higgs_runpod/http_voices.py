@@ -78,7 +78,7 @@ def voice_router(service: Service, dependencies: list[Any]) -> APIRouter:
                 request, settings.http_max_body_bytes, settings.http_body_timeout_s
             )
             fields, clip = _parse(body, request.headers.get("content-type", ""), media_type)
-            voice = await asyncio.to_thread(library.create, fields, clip)
+            voice = await library.create(fields, clip)
         finally:
             service.release()
         return JSONResponse(voice.public(), status_code=201)

@@ -111,4 +111,5 @@ def in_openai_terms(error: RequestError, scene_from_instructions: bool = False) 
     renamed = _OPENAI_NAMES.get(head, head)
     if head == "scene" and scene_from_instructions:
         renamed = "instructions"
-    return RequestError(f"{renamed}.{rest}" if rest else renamed, error.message)
+    # The same class: a taken voice name stays a conflict (HTTP 409), and so on.
+    return type(error)(f"{renamed}.{rest}" if rest else renamed, error.message)
