@@ -21,6 +21,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from conftest import free_port, make_wav
+from higgs_runpod.engine import Engine
 from higgs_runpod.handler import Worker
 from higgs_runpod.http_api import create_app
 from higgs_runpod.settings import Settings
@@ -203,3 +204,51 @@ def test_type_as_you_go_over_the_websocket(page_url: str) -> None:
             "audio => audio.buffered.length ? audio.buffered.end(0) : 0"
         )
         assert buffered > 0.5
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (.ci/run)")
+def test_the_library_upload_keep_and_delete(
+    settings: Settings, engine: Engine, tmp_path: Path
+) -> None:
+    """The page lists the library, uploads a clip as a voice, keeps a take, deletes."""
+    from playwright.sync_api import expect, sync_playwright
+
+    voices = tmp_path / "voices"
+    clip = tmp_path / "mine.wav"
+    clip.write_bytes(make_wav(seconds=1.0, freq=300.0))
+    own = settings.model_copy(update={"voices_path": voices})
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            with contextmanager(serve_page)(own, Worker(own, engine)) as url:
+                page = browser.new_page()
+                page.goto(url)
+                library = page.locator("#library")
+                expect(library.locator("li")).to_have_count(0)
+                page.get_by_label("Name", exact=True).fill("mine")
+                page.set_input_files("#new-clip", str(clip))
+                page.get_by_label("Its transcript").fill("A tone of mine.")
+                page.get_by_label("Consent").fill("Synthetic, made by the test.")
+                page.get_by_role("button", name="Add to the library").click()
+                expect(library).to_contain_text("mine (upload, 1.0 s): “A tone of mine.”")
+                expect(page.locator("#voice option[value=mine]")).to_have_count(1)
+
+                page.get_by_label("Text", exact=True).fill("A take worth keeping.")
+                page.locator("#format").select_option("wav")
+                page.get_by_label("Max length").fill("30")
+                page.get_by_role("button", name="Generate").click()
+                expect(page.get_by_role("status")).to_contain_text("Done", timeout=60_000)
+                page.get_by_label("Keep this voice as").fill("kept")
+                page.get_by_role("button", name="Keep this voice").click()
+                expect(page.locator("#library-status")).to_contain_text(
+                    "Kept as kept.", timeout=60_000
+                )
+                expect(library).to_contain_text("kept (take")
+                assert (voices / "kept" / "codes.pt").is_file()
+
+                page.get_by_role("button", name="Delete mine").click()
+                expect(page.locator("#library-status")).to_contain_text("Deleted mine.")
+                expect(library.locator("li")).to_have_count(1)
+                assert not (voices / "mine").exists()
+        finally:
+            browser.close()
