@@ -29,6 +29,10 @@ def test_loaded_from_the_checkpoint_directories(engine: Engine) -> None:
     assert engine.frame_rate == 25.0
     assert (engine.slots, engine.context) == (8, 4096)  # MAX_BATCH_SIZE, MAX_CONTEXT_TOKENS
     assert not engine.cuda_graphs
+    # Cached codes are checked against this model's codebooks and its tokenizer's codes.
+    assert engine.voice_cache is not None and engine.voice_cache.shape is not None
+    assert engine.voice_cache.shape.codebooks == engine.model.config.num_codebooks
+    assert engine.voice_cache.shape.codebook_size == engine.model.config.codebook_size - 2
 
 
 def test_auto_device_without_gpu() -> None:

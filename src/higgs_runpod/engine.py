@@ -46,7 +46,7 @@ from .scheduler import Decoded, DecodeLoop, Request
 from .settings import Settings
 from .slots import DecodeState, GraphedSteps, SlotCache, decode_step
 from .streaming import DelayAligner, receptive_field_frames
-from .voice_cache import VoiceCache, tokenizer_identity
+from .voice_cache import CodesShape, VoiceCache, tokenizer_identity
 
 __all__ = ["Engine", "FrameCallback", "SamplingParams", "Synthesis", "resolve_device"]
 
@@ -172,6 +172,10 @@ class Engine:
             tokenizer_identity(paths.tokenizer_path, readies[1].commit),
             self.settings.voice_cache_items,
             self.settings.voice_cache_path,
+        )
+        self.voice_cache.bind(  # cached files are checked against what this model accepts
+            CodesShape(model.config.num_codebooks, audio_tokenizer.config.codebook_size),
+            int(self.settings.voice_cache_max_mb * 1_000_000),
         )
         self._attach(model)
         self.decoder_context_frames = receptive_field_frames(

@@ -46,7 +46,6 @@ from .schema import SpeechRequest, VoiceFields, parse_request
 from .settings import Settings, load_settings
 from .storage import Storage
 from .streaming import PieceDecoder, decode_as_streamed
-from .voice_cache import CodesShape
 from .voice_service import ACTIONS, Encoder, VoiceService
 from .voices import ReferenceClip, ResolvedVoice, VoiceResolver
 
@@ -122,17 +121,8 @@ class Worker:
         return await asyncio.to_thread(function, *args, **kwargs)
 
     def load(self) -> float:
-        """Load the engine (once) and tell the voice cache the model's codes shape and the
-        quota; returns the seconds spent."""
-        seconds = self.engine.load()
-        cache, model, processor = self.engine.voice_cache, self.engine.model, self.engine.processor
-        assert cache is not None and model is not None and processor is not None
-        if cache.shape is None:
-            shape = CodesShape(
-                model.config.num_codebooks, processor.audio_tokenizer.config.codebook_size
-            )
-            cache.bind(shape, int(self.settings.voice_cache_max_mb * 1_000_000))
-        return seconds
+        """Load the engine (once); returns the seconds spent."""
+        return self.engine.load()
 
     def _encoder(self) -> Encoder:
         self.load()

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 STREAM_ROUTE = "/v1/audio/speech/stream"
 POLICY, INTERNAL, BUSY = 1008, 1011, 1013  # WebSocket close codes
-_NOT_IN_CONFIG = ("input", "stream", "stream_format", "output")
+_NOT_IN_CONFIG = ("input", "stream", "stream_format", "output", "save_voice")
 _PLACEHOLDER = "."  # stands for the text while the config alone is checked
 _INTERNAL_MESSAGE = "internal error while generating speech; the worker log has the details"
 
