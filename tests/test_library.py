@@ -143,6 +143,25 @@ def test_a_lost_rename_is_a_conflict(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert os.listdir(tmp_path) == ["bob"]
 
 
+def test_a_create_that_raced_past_max_voices_leaves_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both writers counted below the limit; the one that finds the library over it after
+    its rename takes its voice out again, so the limit holds."""
+    store = VoiceStore(tmp_path, max_voices=1)
+    write = store._write
+
+    def other_worker_wins_meanwhile(staging: Path, voice: NewVoice) -> None:
+        VoiceStore(tmp_path, max_voices=1).create(_new_voice("carol"))
+        write(staging, voice)
+
+    monkeypatch.setattr(store, "_write", other_worker_wins_meanwhile)
+    with pytest.raises(library.VoiceLimitError, match=r"holds 1 voices \(MAX_VOICES\)"):
+        store.create(_new_voice("bob"))
+    assert [voice.name for voice in list_library(tmp_path)] == ["carol"]
+    assert os.listdir(tmp_path) == ["carol"]
+
+
 RACER = """
 import sys, time
 from pathlib import Path

@@ -246,6 +246,11 @@ class VoiceStore:
             shutil.rmtree(staging, ignore_errors=True)
         found = find_voice(self.root, voice.name)
         assert found is not None
+        if existing is None and len(list_library(self.root)) > self.max_voices:
+            # Another worker added a voice between our count and our rename: the library
+            # must not end up over the limit, so this one leaves again.
+            self._retire(found)
+            raise limit_error(self.max_voices)
         return found
 
     def delete(self, name: str) -> LibraryVoice:
