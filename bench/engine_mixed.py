@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import soundfile
 import uvicorn
+from first_audio import percentile
 from throughput import SHAPES
 
 from higgs_runpod.handler import Worker
@@ -85,11 +86,6 @@ def mix(jobs: int, frames: int, chunk_frames: int) -> list[dict[str, Any]]:
     inputs[-1].update(text=LONG_TEXT, chunking={"method": "word", "max_words": 15},
                       max_new_tokens=chunk_frames)  # fmt: skip
     return inputs
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 async def timed(worker: Worker, job_input: dict[str, Any], delay: float) -> tuple[float, float]:

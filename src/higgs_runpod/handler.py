@@ -120,12 +120,8 @@ class Worker:
         model work itself, on its decode thread."""
         return await asyncio.to_thread(function, *args, **kwargs)
 
-    def load(self) -> float:
-        """Load the engine (once); returns the seconds spent."""
-        return self.engine.load()
-
     def _encoder(self) -> Encoder:
-        self.load()
+        self.engine.load()
         cache = self.engine.voice_cache
         assert cache is not None
         return Encoder(self.engine.encode_clip, cache.tokenizer_id, cache.shape)
@@ -418,7 +414,7 @@ class Worker:
         started = time.perf_counter()
         plan = await self.plan(request)
         resolve_ms = _ms_since(started)
-        load_ms = await self.on_engine_thread(self.load) * 1000.0
+        load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
         plan, codes = await asyncio.to_thread(self._with_all_codes, plan, request)
         await asyncio.to_thread(self._check_prompt, plan)
         return plan, resolve_ms, load_ms, codes
