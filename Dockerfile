@@ -40,12 +40,12 @@ COPY requirements.lock ./
 COPY --from=build /dist /tmp/dist
 # The project itself, without its dependencies: the bootstrap needs only the standard library.
 RUN uv pip install --system --no-index --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist
-# The health check passes once the worker has loaded the model (higgs_runpod.health).
+# The health check passes once the worker has loaded the model (higgs_runpod.container.health).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=15m --retries=3 \
-    CMD ["python", "-m", "higgs_runpod.health"]
+    CMD ["python", "-m", "higgs_runpod.container.health"]
 # Runs as root: RunPod mounts /runpod-volume owned by root, and the bootstrap and the model
 # download must write there. Nothing secret is baked in; keys arrive as RunPod secrets.
-CMD ["python", "-m", "higgs_runpod.bootstrap"]
+CMD ["python", "-m", "higgs_runpod.container.bootstrap"]
 
 FROM base AS full
 # The whole pinned runtime at build time; the bootstrap then only checks and starts.

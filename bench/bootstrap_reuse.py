@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from higgs_runpod import runtime_manifest
-from higgs_runpod.bootstrap import MARKER, runtime_key
+from higgs_runpod.container import runtime_manifest
+from higgs_runpod.container.bootstrap import MARKER, runtime_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def reuse_start(runs: int) -> None:
         for _ in range(runs):
             started = time.perf_counter()
             done = subprocess.run(
-                [sys.executable, "-m", "higgs_runpod.bootstrap", "--", "true"],
+                [sys.executable, "-m", "higgs_runpod.container.bootstrap", "--", "true"],
                 env=env, capture_output=True, text=True, check=True,
             )  # fmt: skip
             walls.append(time.perf_counter() - started)

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from higgs_runpod.delivery.storage import Plan, Storage
 from higgs_runpod.settings import load_settings
-from higgs_runpod.storage import Plan, Storage
 from s3store import StrictStore
 
 

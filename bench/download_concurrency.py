@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from higgs_runpod.settings import load_settings
-from higgs_runpod.tiny import make_tiny_model
+from higgs_runpod.weights.tiny import make_tiny_model
 from hub_server import HubServer, host_directory
 
 
@@ -37,7 +37,7 @@ def run_workers(hub: HubServer, volume: Path, count: int) -> list[float]:
         "TOKENIZER_PATH": str(volume / "bosonai" / "tokenizer"),
         "HF_CACHED_MODELS_PATH": str(volume / "no-cache"),
     }
-    command = [sys.executable, "-m", "higgs_runpod.cli", "download"]
+    command = [sys.executable, "-m", "higgs_runpod.tools.cli", "download"]
     start = time.perf_counter()
     processes = [
         subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -38,11 +38,11 @@ import uvicorn
 from first_audio import percentile
 from throughput import SHAPES
 
-from higgs_runpod.handler import Worker
-from higgs_runpod.http_api import create_app
-from higgs_runpod.http_guard import uvicorn_config
+from higgs_runpod.fronts.http_api import create_app
+from higgs_runpod.fronts.http_guard import uvicorn_config
+from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import Settings, load_settings
-from higgs_runpod.tiny import make_tiny_model
+from higgs_runpod.weights.tiny import make_tiny_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

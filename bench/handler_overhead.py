@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from higgs_runpod.handler import Worker
-from higgs_runpod.prompts import build_conversation
+from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.request.prompts import build_conversation
 from higgs_runpod.settings import load_settings
 
 TEXT = "The quick brown fox jumps over the lazy dog."

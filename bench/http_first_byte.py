@@ -42,7 +42,7 @@ def make_checkpoint(directory: Path, size: str) -> tuple[Path, Path]:
     import torch  # here, so that bench/abuse.py can take Server without the seconds it costs
     from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
-    from higgs_runpod.tiny import sharpen_audio_head
+    from higgs_runpod.weights.tiny import sharpen_audio_head
 
     cli = Path(sys.executable).with_name("higgs-runpod")
     subprocess.run([cli, "make-tiny-model", directory], check=True, capture_output=True)

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from higgs_runpod.engine import Engine, SamplingParams
-from higgs_runpod.prompts import build_conversation
+from higgs_runpod.request.prompts import build_conversation
 from higgs_runpod.settings import load_settings
-from higgs_runpod.tiny import TINY_SHAPE, make_tiny_model
+from higgs_runpod.synthesis.engine import Engine, SamplingParams
+from higgs_runpod.weights.tiny import TINY_SHAPE, make_tiny_model
 
 
 def bare_forward_ms(engine: Engine, inputs: dict, steps: int) -> float:

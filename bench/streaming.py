@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from transformers import HiggsAudioV2ForConditionalGeneration
 
-from higgs_runpod.handler import Worker
-from higgs_runpod.schema import parse_request
+from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.request.schema import parse_request
 from higgs_runpod.settings import load_settings
 
 TEXT = "Streaming lets a voice agent speak before the whole answer has been generated."

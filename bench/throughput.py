@@ -32,9 +32,14 @@ import time
 import torch
 from transformers import BatchFeature, HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
-from higgs_runpod.engine import Engine, SamplingParams
 from higgs_runpod.settings import load_settings
-from higgs_runpod.tiny import TINY_SHAPE, build_model, build_text_tokenizer, sharpen_audio_head
+from higgs_runpod.synthesis.engine import Engine, SamplingParams
+from higgs_runpod.weights.tiny import (
+    TINY_SHAPE,
+    build_model,
+    build_text_tokenizer,
+    sharpen_audio_head,
+)
 
 FRAME_RATE = 25.0  # frames per second of audio, as in the real tokenizer
 

@@ -25,13 +25,13 @@ import soundfile
 import torch
 import uvicorn
 
-from higgs_runpod.engine import Engine
-from higgs_runpod.handler import Worker
-from higgs_runpod.http_api import Service, create_app
-from higgs_runpod.http_guard import uvicorn_config
+from higgs_runpod.fronts.http_api import Service, create_app
+from higgs_runpod.fronts.http_guard import uvicorn_config
+from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import Settings, load_settings
-from higgs_runpod.tiny import make_tiny_model
-from higgs_runpod.tiny_published import make_published_layout_model
+from higgs_runpod.synthesis.engine import Engine
+from higgs_runpod.weights.tiny import make_tiny_model
+from higgs_runpod.weights.tiny_published import make_published_layout_model
 from hub_server import HubServer, host_directory
 from s3store import AuthStore, StrictStore
 
@@ -205,7 +205,7 @@ class LocalServer(ServerProcess):
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         port = free_port()
-        args = ["-m", "higgs_runpod.cli", "serve", "--port", str(port)]
+        args = ["-m", "higgs_runpod.tools.cli", "serve", "--port", str(port)]
         super().__init__(args, env, log_path, port)
 
     def runsync(self, job_input: dict, timeout: float = 120.0) -> dict:

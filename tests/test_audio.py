@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from higgs_runpod import audio
+from higgs_runpod.synthesis import audio
 
 TONE = (0.3 * np.sin(2 * np.pi * 440 * np.arange(24_000) / 24_000)).astype(np.float32)
 

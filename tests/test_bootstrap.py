@@ -1,4 +1,4 @@
-"""The bootstrap, run for real: `python -m higgs_runpod.bootstrap` in subprocesses, the real `uv`
+"""The bootstrap, run for real: `python -m higgs_runpod.container.bootstrap` in subprocesses, the real `uv`
 installing hash-pinned wheels from a local folder (no index, no network), a temporary
 directory standing in for the network volume, and the real `VolumeLock` between processes.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from higgs_runpod.bootstrap import MARKER, runtime_key
+from higgs_runpod.container.bootstrap import MARKER, runtime_key
 
 UV = Path(sys.executable).with_name("uv")
 PROBE = "import os, tinyrt; print('RUNTIME', tinyrt.VALUE, os.environ['PYTHONPATH'])"
@@ -99,7 +99,7 @@ class Volume:
     def start(self, **overrides: str | None) -> subprocess.Popen[str]:
         env = {**self.env, **overrides}
         env = {k: v for k, v in env.items() if v is not None}
-        command = [sys.executable, "-m", "higgs_runpod.bootstrap", "--", sys.executable]
+        command = [sys.executable, "-m", "higgs_runpod.container.bootstrap", "--", sys.executable]
         return subprocess.Popen(
             [*command, "-c", PROBE], env=env, text=True, start_new_session=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from higgs_runpod.chunking import count_words, split_text
 from higgs_runpod.errors import RequestError
-from higgs_runpod.prompts import normalize_text
-from higgs_runpod.schema import ChunkingOptions
+from higgs_runpod.request.chunking import count_words, split_text
+from higgs_runpod.request.prompts import normalize_text
+from higgs_runpod.request.schema import ChunkingOptions
 
 ARTICLE = (
     "The first sentence is short. The second sentence has quite a few more words in it!\n\n"

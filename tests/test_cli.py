@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from higgs_runpod.cli import build_parser, synth_input
+from higgs_runpod.tools.cli import build_parser, synth_input
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "higgs_runpod.cli", *args],
+        [sys.executable, "-m", "higgs_runpod.tools.cli", *args],
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,

@@ -26,7 +26,7 @@ import pytest
 import soundfile
 
 from conftest import S3_KEY_ID, S3_SECRET, LocalServer, b64, make_wav
-from higgs_runpod.client import ClientError, Endpoint, JobFailed, JobUpdate, save_audio, speak
+from higgs_runpod.tools.client import ClientError, Endpoint, JobFailed, JobUpdate, save_audio, speak
 
 API_KEY = "rp_test_key_never_printed_123"
 WAV = make_wav(seconds=0.5)
@@ -249,7 +249,7 @@ def test_download_sends_no_api_key_and_leaves_no_partial_file(
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Any:
     return subprocess.run(
-        [sys.executable, "-m", "higgs_runpod.cli", "speak", *args],
+        [sys.executable, "-m", "higgs_runpod.tools.cli", "speak", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "RUNPOD_API_KEY": API_KEY, **(env or {})},
@@ -269,7 +269,7 @@ def test_cli_prints_the_workers_error_and_exits_non_zero(fake_factory: Any, tmp_
 def test_cli_ctrl_c_cancels_the_job(fake_factory: Any, tmp_path: Path) -> None:
     fake = fake_factory([{"status": "IN_PROGRESS"}], key=None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "higgs_runpod.cli", "speak", "hi", "-o", str(tmp_path / "x.wav"),
+        [sys.executable, "-m", "higgs_runpod.tools.cli", "speak", "hi", "-o", str(tmp_path / "x.wav"),
          "--url", fake.url],
         env={**os.environ, "RUNPOD_API_KEY": API_KEY},
         stdout=subprocess.PIPE,
@@ -313,7 +313,7 @@ def test_the_key_goes_only_to_runpods_api_hosts(url: str, sent: bool) -> None:
 def test_cli_needs_an_api_key_for_an_endpoint_id(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RUNPOD_API_KEY"}
     result = subprocess.run(
-        [sys.executable, "-m", "higgs_runpod.cli", "speak", "hi", "-o", str(tmp_path / "x.wav"),
+        [sys.executable, "-m", "higgs_runpod.tools.cli", "speak", "hi", "-o", str(tmp_path / "x.wav"),
          "--endpoint", "abc"],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip

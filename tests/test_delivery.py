@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from higgs_runpod.schema import parse_request
+from higgs_runpod.request.schema import parse_request
 from higgs_runpod.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,9 @@ def test_the_commands_the_image_runs_exist() -> None:
     assert len(health) == 1
     modules = [exec_module(rest) for rest in cmd]
     modules.append(exec_module(health[0].split("CMD", 1)[1]))
-    assert "higgs_runpod.bootstrap" in modules and "higgs_runpod.health" in modules
+    assert (
+        "higgs_runpod.container.bootstrap" in modules and "higgs_runpod.container.health" in modules
+    )
     for module in modules:
         path = ROOT / "src" / (module.replace(".", "/") + ".py")
         assert path.is_file(), f"{module} is not a module of this project"

@@ -207,7 +207,15 @@ def deploy(
     env = {"PATH": "/usr/bin:/bin", "RUNPOD_API_URL": url}
     if key is not None:
         env["RUNPOD_API_KEY"] = key
-    command = [sys.executable, "-m", "higgs_runpod.cli", "deploy", "--config", str(config), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "higgs_runpod.tools.cli",
+        "deploy",
+        "--config",
+        str(config),
+        *extra,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert API_KEY not in done.stdout + done.stderr, "the API key must never be printed"
     return done

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from higgs_runpod.download import (
+from higgs_runpod.errors import CheckpointDownloadError, mask_url_secrets
+from higgs_runpod.weights.download import (
     Manifest,
     RemoteFile,
     fetch_manifest,
     file_problems,
     git_sha1_of,
 )
-from higgs_runpod.errors import CheckpointDownloadError, mask_url_secrets
 from hub_server import HubServer
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_runpod.engine import Engine, SamplingParams, resolve_device
 from higgs_runpod.errors import OutOfMemoryError, RequestError
-from higgs_runpod.prompts import build_conversation
+from higgs_runpod.request.prompts import build_conversation
+from higgs_runpod.request.voices import ReferenceClip
 from higgs_runpod.settings import load_settings
-from higgs_runpod.voices import ReferenceClip
+from higgs_runpod.synthesis.engine import Engine, SamplingParams, resolve_device
 
 # RAS resamples repeated codes at random even when greedy, so greedy runs switch it off.
 GREEDY = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=30)

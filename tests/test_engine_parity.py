@@ -19,12 +19,12 @@ import torch
 from transformers import GenerationConfig
 
 from conftest import make_wav
-from higgs_runpod.engine import Engine, SamplingParams, Synthesis
-from higgs_runpod.prompts import build_conversation
+from higgs_runpod.request.prompts import build_conversation
+from higgs_runpod.request.voices import ReferenceClip
 from higgs_runpod.settings import load_settings
-from higgs_runpod.streaming import DelayAligner
-from higgs_runpod.tiny import make_tiny_model
-from higgs_runpod.voices import ReferenceClip
+from higgs_runpod.synthesis.engine import Engine, SamplingParams, Synthesis
+from higgs_runpod.synthesis.streaming import DelayAligner
+from higgs_runpod.weights.tiny import make_tiny_model
 
 STEPS = 28
 GREEDY = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=STEPS)

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from conftest import LocalServer
-from higgs_runpod.health import check, mark_ready
+from higgs_runpod.container.health import check, mark_ready
 
 
 def health(ready_file: Path) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "READY_FILE": str(ready_file)}
-    command = [sys.executable, "-m", "higgs_runpod.health"]
+    command = [sys.executable, "-m", "higgs_runpod.container.health"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
 
 

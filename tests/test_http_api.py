@@ -19,11 +19,11 @@ import httpx
 import numpy as np
 import pytest
 
-from higgs_runpod import audio
-from higgs_runpod.engine import Engine
-from higgs_runpod.handler import Worker
-from higgs_runpod.http_api import Service, create_app
+from higgs_runpod.fronts.http_api import Service, create_app
+from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import Settings
+from higgs_runpod.synthesis import audio
+from higgs_runpod.synthesis.engine import Engine
 
 
 def service_of(app: Any) -> Service:

@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from higgs_runpod.audio import decode
-from higgs_runpod.engine import Engine
-from higgs_runpod.handler import Worker
-from higgs_runpod.http_api import create_app
+from higgs_runpod.fronts.http_api import create_app
+from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import load_settings
+from higgs_runpod.synthesis.audio import decode
+from higgs_runpod.synthesis.engine import Engine
 
 
 def app_with(base_env: dict[str, str], engine: Engine, **env: str) -> Any:

@@ -21,10 +21,10 @@ import pytest
 from pydantic import SecretStr
 
 from conftest import ThreadServer, free_port
-from higgs_runpod import audio
-from higgs_runpod.handler import Worker
-from higgs_runpod.http_guard import listen_refusal
+from higgs_runpod.fronts.http_guard import listen_refusal
+from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import Settings, load_settings
+from higgs_runpod.synthesis import audio
 from slow_client import SlowClient, request_head
 
 KEY = "hardening-key-5309"
@@ -217,7 +217,7 @@ def test_cli_refuses_to_start_off_loopback_without_a_key(base_env: dict[str, str
     drop = ("HIGGS_API_KEY", "HTTP_ALLOW_NO_KEY")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     result = subprocess.run(
-        [sys.executable, "-m", "higgs_runpod.cli", "http", "--host", "0.0.0.0",
+        [sys.executable, "-m", "higgs_runpod.tools.cli", "http", "--host", "0.0.0.0",
          "--port", str(free_port())],
         env={**env, **base_env}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -23,7 +23,7 @@ import pytest
 import soundfile
 
 from conftest import ServerProcess, free_port
-from higgs_runpod import audio
+from higgs_runpod.synthesis import audio
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-0123456789"
@@ -37,7 +37,7 @@ class HttpServer(ServerProcess):
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         port = free_port()
         env = {**env, "WORKER_MODE": "http", "HTTP_HOST": "127.0.0.1", "PORT": str(port)}
-        super().__init__(["-m", "higgs_runpod.cli", "start"], env, log_path, port)
+        super().__init__(["-m", "higgs_runpod.tools.cli", "start"], env, log_path, port)
 
     def is_ready(self) -> bool:
         return httpx.get(f"{self.url}/ping", timeout=1.0).status_code == 200

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import ThreadServer, decoded
-from higgs_runpod.handler import Worker
-from higgs_runpod.openai_schema import parse_openai_speech
+from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.request.openai_schema import parse_openai_speech
 from higgs_runpod.settings import Settings
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from higgs_runpod.audio import decode
-from higgs_runpod.engine import Engine
-from higgs_runpod.handler import Worker
-from higgs_runpod.schema import parse_request
+from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.request.schema import parse_request
+from higgs_runpod.synthesis.audio import decode
+from higgs_runpod.synthesis.engine import Engine
 
 SENTENCES = [
     "One two three four five six.",

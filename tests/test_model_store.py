@@ -19,16 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from higgs_runpod.download import Manifest, file_problems
 from higgs_runpod.errors import InsufficientSpaceError, ModelNotFoundError
-from higgs_runpod.handler import Worker
-from higgs_runpod.model_store import (
+from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.settings import Settings, load_settings
+from higgs_runpod.weights.download import Manifest, file_problems
+from higgs_runpod.weights.model_store import (
     MARKER,
     check_checkpoints,
     ensure_checkpoints,
     read_marker,
 )
-from higgs_runpod.settings import Settings, load_settings
 from hub_server import HubServer
 
 MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
@@ -54,7 +54,7 @@ def run_cli(env: dict[str, str], *args: str, tmp: Path) -> subprocess.Popen:
     """`higgs-runpod ARGS` in a fresh process, with a private HF_HOME and no token."""
     base = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT")}
     full_env = {**base, "HF_HOME": str(tmp / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1", **env}
-    command = [sys.executable, "-m", "higgs_runpod.cli", *args]
+    command = [sys.executable, "-m", "higgs_runpod.tools.cli", *args]
     return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

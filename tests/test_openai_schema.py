@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from higgs_runpod.errors import RequestError
-from higgs_runpod.openai_schema import OPENAI_VOICES, map_voice, parse_openai_speech
+from higgs_runpod.request.openai_schema import OPENAI_VOICES, map_voice, parse_openai_speech
 from higgs_runpod.settings import Settings, load_settings
 
 

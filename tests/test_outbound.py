@@ -26,13 +26,13 @@ import pytest
 
 import abuse_cases
 from abuse_cases import HostileServer, b64, ffconcat, flac_bomb, rebinding, wait_for, wav
-from higgs_runpod.engine import Engine
 from higgs_runpod.errors import RequestError
-from higgs_runpod.handler import Worker
+from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.outbound import OutboundGuard, judged_address
-from higgs_runpod.schema import CloneFromBase64, CloneFromUrl
+from higgs_runpod.request.schema import CloneFromBase64, CloneFromUrl
+from higgs_runpod.request.voices import ReferenceClip, VoiceResolver
 from higgs_runpod.settings import load_settings
-from higgs_runpod.voices import ReferenceClip, VoiceResolver
+from higgs_runpod.synthesis.engine import Engine
 
 FIELD = "voice.audio_url"
 LOOPBACK = {"ALLOW_HTTP_AUDIO_URLS": "1", "OUTBOUND_ALLOWED_NETWORKS": "127.0.0.1/32"}

@@ -21,10 +21,10 @@ import uvicorn
 from pydantic import SecretStr
 
 from conftest import free_port, make_wav
-from higgs_runpod.engine import Engine
-from higgs_runpod.handler import Worker
-from higgs_runpod.http_api import create_app
+from higgs_runpod.fronts.http_api import create_app
+from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import Settings
+from higgs_runpod.synthesis.engine import Engine
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page

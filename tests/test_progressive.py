@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import decoded
-from higgs_runpod.progressive import ProgressiveEncoder, encode
+from higgs_runpod.synthesis.progressive import ProgressiveEncoder, encode
 
 RATE = 24_000
 TONE = (0.3 * np.sin(2 * np.pi * 220 * np.arange(2 * RATE) / RATE)).astype(np.float32)

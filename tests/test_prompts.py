@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from higgs_runpod.prompts import (
+from higgs_runpod.request.prompts import (
     MULTI_SPEAKER_SYSTEM,
     SINGLE_SPEAKER_SYSTEM,
     build_conversation,
     normalize_text,
 )
-from higgs_runpod.voices import ReferenceClip, VoiceDescription
+from higgs_runpod.request.voices import ReferenceClip, VoiceDescription
 
 CLIP = ReferenceClip(np.zeros(24_000, dtype=np.float32), "Reference words")
 

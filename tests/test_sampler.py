@@ -16,7 +16,7 @@ import math
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from higgs_runpod.sampler import AudioVocab, Features, SamplingRows, sample
+from higgs_runpod.synthesis.sampler import AudioVocab, Features, SamplingRows, sample
 
 DRAWS = 40_000
 CODES = 24  # 22 codes, then the stream BOS and EOS

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from higgs_runpod.errors import RequestError
-from higgs_runpod.schema import CloneFromUrl, DescribedVoice, parse_request
+from higgs_runpod.request.schema import CloneFromUrl, DescribedVoice, parse_request
 from higgs_runpod.settings import Settings, load_settings
 
 

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from higgs_runpod.errors import GenerationCancelled
-from higgs_runpod.handler import Worker
-from higgs_runpod.schema import parse_request
+from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.request.schema import parse_request
 from higgs_runpod.settings import Settings
 
 

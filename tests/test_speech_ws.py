@@ -20,11 +20,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import ThreadServer
-from higgs_runpod import audio
-from higgs_runpod.chunking import segment_end
-from higgs_runpod.handler import Worker
+from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.fronts.speech_ws import STREAM_ROUTE, Segmenter
+from higgs_runpod.request.chunking import segment_end
 from higgs_runpod.settings import Settings
-from higgs_runpod.speech_ws import STREAM_ROUTE, Segmenter
+from higgs_runpod.synthesis import audio
 
 pytestmark = pytest.mark.slow
 KEY = "ws-key-1618"

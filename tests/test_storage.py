@@ -20,11 +20,11 @@ from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from conftest import S3_KEY_ID, S3_SECRET
-from higgs_runpod.engine import Engine
+from higgs_runpod.delivery.storage import Bucket, Storage, bucket_from_settings, object_key, upload
 from higgs_runpod.errors import RequestError
-from higgs_runpod.handler import Worker
+from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import load_settings
-from higgs_runpod.storage import Bucket, Storage, bucket_from_settings, object_key, upload
+from higgs_runpod.synthesis.engine import Engine
 from s3store import AuthStore, StrictStore
 
 TEXT = {"text": "Hello from the bucket.", "seed": 7, "max_new_tokens": 40}

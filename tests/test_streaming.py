@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_runpod.engine import Engine
-from higgs_runpod.handler import Worker
-from higgs_runpod.schema import parse_request
-from higgs_runpod.streaming import DelayAligner, PieceDecoder
+from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.request.schema import parse_request
+from higgs_runpod.synthesis.engine import Engine
+from higgs_runpod.synthesis.streaming import DelayAligner, PieceDecoder
 
 BOS, EOS = 16, 17
 

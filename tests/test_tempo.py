@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from higgs_runpod.tempo import atempo_factors, time_stretch
+from higgs_runpod.synthesis.tempo import atempo_factors, time_stretch
 
 RATE = 24_000
 

@@ -13,7 +13,7 @@ from transformers import (
     HiggsAudioV2TokenizerModel,
 )
 
-from higgs_runpod.tiny import make_tiny_model
+from higgs_runpod.weights.tiny import make_tiny_model
 
 
 def test_loads_with_the_standard_classes(tiny_checkpoint: tuple[Path, Path]) -> None:

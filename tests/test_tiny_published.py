@@ -24,10 +24,10 @@ from transformers import (
     HiggsAudioV2TokenizerModel,
 )
 
-from higgs_runpod.engine import Engine, SamplingParams
-from higgs_runpod.prompts import build_conversation
+from higgs_runpod.request.prompts import build_conversation
+from higgs_runpod.request.voices import ReferenceClip
 from higgs_runpod.settings import load_settings
-from higgs_runpod.voices import ReferenceClip
+from higgs_runpod.synthesis.engine import Engine, SamplingParams
 
 # Llama 3.2's ids, with Higgs Audio's renamed reserved tokens.
 SPECIAL_IDS = {

@@ -14,12 +14,17 @@ import soundfile
 import torch
 
 from conftest import EncodeSpy, b64, make_wav
-from higgs_runpod.engine import Engine, SamplingParams
-from higgs_runpod.handler import Worker
-from higgs_runpod.prompts import build_conversation
+from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.request.prompts import build_conversation
+from higgs_runpod.request.voices import ReferenceClip
 from higgs_runpod.settings import load_settings
-from higgs_runpod.voice_cache import STALE_PARTIAL_S, CodesShape, VoiceCache, tokenizer_identity
-from higgs_runpod.voices import ReferenceClip
+from higgs_runpod.synthesis.engine import Engine, SamplingParams
+from higgs_runpod.synthesis.voice_cache import (
+    STALE_PARTIAL_S,
+    CodesShape,
+    VoiceCache,
+    tokenizer_identity,
+)
 
 
 def _clip(freq: float = 220.0) -> np.ndarray:

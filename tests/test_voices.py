@@ -12,9 +12,9 @@ import pytest
 
 from conftest import b64, make_wav
 from higgs_runpod.errors import RequestError
-from higgs_runpod.schema import CloneFromBase64, CloneFromUrl, DescribedVoice
+from higgs_runpod.request.schema import CloneFromBase64, CloneFromUrl, DescribedVoice
+from higgs_runpod.request.voices import ReferenceClip, VoiceDescription, VoiceResolver, list_library
 from higgs_runpod.settings import Settings, load_settings
-from higgs_runpod.voices import ReferenceClip, VoiceDescription, VoiceResolver, list_library
 
 CLIP = make_wav(seconds=1.0)
 

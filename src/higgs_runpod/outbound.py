@@ -26,8 +26,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import httpx
 
-from .errors import RequestError
-from .settings import Settings
+from higgs_runpod.errors import RequestError
+from higgs_runpod.settings import Settings
 
 IPAddress = IPv4Address | IPv6Address
 NAT64 = ipaddress.ip_network("64:ff9b::/96")

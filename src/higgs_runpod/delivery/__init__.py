@@ -1,0 +1,1 @@
+"""Where finished audio goes: inline, or to S3."""

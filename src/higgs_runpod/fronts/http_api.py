@@ -1,0 +1,372 @@
+"""OpenAI-compatible speech API over HTTP (RunPod load-balancing endpoints, or any host).
+
+The HTTP layer only translates; the audio comes from the same `Worker.speak` as a queue job:
+
+    POST /v1/audio/speech --openai_schema--> SpeechRequest --Worker.stream--> pieces
+         --AudioStream--> chunked audio bytes, or SSE speech.audio.delta / speech.audio.done
+    GET /v1/audio/speech/stream (WebSocket): text in as it is written, audio out (speech_ws)
+
+Keys, content types and bodies are checked first (`http_guard`, which also bounds sockets).
+Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` from the
+handlers at the bottom of `create_app`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from higgs_runpod.container.health import mark_ready
+from higgs_runpod.errors import HiggsRunpodError, OutOfMemoryError, RequestError, RequestTimeout
+from higgs_runpod.fronts.http_guard import (
+    ApiError,
+    ClientGone,
+    CloseUnread,
+    authorize,
+    read_json,
+    require_json,
+)
+from higgs_runpod.fronts.http_metrics import CONTENT_TYPE, CountRequests, Metrics
+from higgs_runpod.fronts.http_voices import VOICES_ROUTE, voice_router
+from higgs_runpod.fronts.runpod import Worker, within
+from higgs_runpod.fronts.speech_ws import STREAM_ROUTE, speech_stream
+from higgs_runpod.library.store import VoiceExistsError, VoiceLimitError, VoiceNotFoundError
+from higgs_runpod.request.openai_schema import (
+    MODEL_ALIASES,
+    MODEL_ID,
+    in_openai_terms,
+    parse_openai_speech,
+)
+from higgs_runpod.request.schema import SpeechRequest
+from higgs_runpod.settings import Settings
+from higgs_runpod.synthesis import audio
+
+log = logging.getLogger(__name__)
+
+SPEECH_ROUTE = "/v1/audio/speech"
+_INTERNAL = "internal error while generating speech; the worker log has the details"
+ROUTES = frozenset({"/", "/ping", "/metrics", "/v1/models", VOICES_ROUTE, SPEECH_ROUTE})
+
+
+class Service:
+    """The worker plus what the HTTP side keeps: admission count, metrics, load state."""
+
+    def __init__(self, settings: Settings, worker: Worker) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.metrics = Metrics()
+        self.in_flight = 0
+        self.load_failed = False
+
+    def start_loading(self) -> asyncio.Future[None] | None:
+        """Load the model in the background so /ping can answer 204 meanwhile.
+
+        It loads on the worker's engine thread, where generation runs too (see Worker).
+        """
+        if self.settings.lazy_load or self.worker.engine.is_loaded:
+            return None
+
+        def load() -> None:
+            try:
+                log.info("model loaded in %.1f s", self.worker.engine.load())
+                mark_ready(self.settings.ready_file)  # the image's health check reads it
+            except Exception:
+                self.load_failed = True
+                log.exception("loading the model failed")
+
+        return asyncio.ensure_future(self.worker.on_engine_thread(load))
+
+    @property
+    def ready(self) -> bool:
+        return self.settings.lazy_load or self.worker.engine.is_loaded
+
+    def admit(self) -> None:
+        """Take one of HTTP_MAX_IN_FLIGHT places for a speech request, or refuse with 429."""
+        if self.in_flight >= self.settings.http_max_in_flight:
+            self.metrics.rejected.inc()
+            raise ApiError(
+                429,
+                f"the worker is busy ({self.in_flight} requests in flight); retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
+        self._count(+1)
+
+    def release(self) -> None:
+        self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        self.in_flight += delta
+        self.metrics.in_flight.set(self.in_flight)
+        self.metrics.queue_depth.set(max(self.in_flight - 1, 0))
+
+
+class AudioStream:
+    """One request's encoded audio, handed out in pieces as the engine delivers it.
+
+    Every format and speed streams from the engine (`Worker.stream`, progressive.py):
+    pieces leave as frames complete, so the first byte comes after STREAM_FIRST_FRAMES
+    frames, and the joined pieces are the file a queue job returns for the same request.
+
+    The seed is fixed up front so that it can go out in a header before any audio.
+    `on_close` runs once the stream ends, fails or is dropped (a started async generator
+    is closed when it is garbage collected), so an admission is always given back.
+    """
+
+    def __init__(
+        self, worker: Worker, request: SpeechRequest, on_close: Callable[[], None]
+    ) -> None:
+        self.worker = worker
+        self.seed = request.seed if request.seed is not None else random.randrange(2**32)
+        self.request = request.model_copy(update={"seed": self.seed, "stream": True})
+        self.on_close = on_close
+        self.cancel = threading.Event()
+        self.usage: dict[str, int] | None = None  # known once the audio is complete
+        self.summary: dict[str, Any] = {}  # the worker's summary, once the audio is complete
+        self.duration_s = 0.0
+        self.first_audio_s: float | None = None
+        self._started = time.perf_counter()
+        self._pieces = self._generate()
+
+    async def first(self) -> bytes:
+        """The first piece (b"" for empty audio); errors surface here, before any byte."""
+        piece = await anext(self._pieces, b"")
+        self.first_audio_s = time.perf_counter() - self._started
+        return piece
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._pieces:
+                yield piece
+        finally:
+            self.cancel.set()  # a client that leaves mid-stream stops the engine too
+            await self._pieces.aclose()
+
+    async def _generate(self) -> AsyncIterator[bytes]:
+        timeout_s = self.worker.settings.request_timeout_s
+        try:
+            pieces = self.worker.stream(self.request, cancel=self.cancel)
+            async for item in within(timeout_s, pieces):
+                if "audio_base64" in item:
+                    yield base64.b64decode(item["audio_base64"])
+                else:
+                    self.usage, self.duration_s = item["usage"], item["duration_s"]
+                    self.summary = item
+        finally:
+            self.on_close()
+
+
+def create_app(settings: Settings, worker: Worker | None = None) -> CountRequests:
+    """The ASGI app (FastAPI inside the request counter; its `.app.state.service` holds the
+    worker); `worker` defaults to one built from `settings` (the model loads at start)."""
+    service = Service(settings, worker or Worker(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start_loading()
+        yield
+
+    app = FastAPI(
+        title="Higgs Audio v2 speech API",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.service = service
+    api = APIRouter(dependencies=[Depends(authorize)])
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        page = resources.files(__package__).joinpath("static/playground.html")
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        """RunPod's health contract: 200 ready, 204 still loading, 500 unusable."""
+        if service.load_failed:
+            return Response(status_code=500)
+        service.metrics.model_loaded.set(1 if service.worker.engine.is_loaded else 0)
+        return Response(status_code=200 if service.ready else 204)
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        service.metrics.model_loaded.set(1 if service.worker.engine.is_loaded else 0)
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        ids = (MODEL_ID, *MODEL_ALIASES)
+        data = [{"id": i, "object": "model", "created": 0, "owned_by": "bosonai"} for i in ids]
+        return {"object": "list", "data": data}
+
+    @api.post(SPEECH_ROUTE, dependencies=[Depends(require_json)])
+    async def speech(request: Request) -> Response:
+        service.admit()  # before the body: a slow sender holds a place, and only for so long
+        try:
+            limit, timeout_s = settings.http_max_body_bytes, settings.http_body_timeout_s
+            parsed = parse_openai_speech(await read_json(request, limit, timeout_s), settings)
+        except BaseException:
+            service.release()
+            raise
+        stream = AudioStream(service.worker, parsed.request, service.release)
+        started = time.perf_counter()
+        try:
+            first = await _first_piece(stream, request, service.metrics)
+        except RequestError as error:  # found while planning: voices, chunks, prompt
+            raise in_openai_terms(error) from None
+        except (HiggsRunpodError, ClientGone):
+            raise
+        except Exception as error:  # ours: log it whole, tell the caller little
+            log.exception("speech request failed with an internal error")
+            raise ApiError(500, _INTERNAL, type="server_error") from error
+        assert stream.first_audio_s is not None
+        service.metrics.first_audio_seconds.labels("http").observe(stream.first_audio_s)
+        headers = {
+            "X-Seed": str(stream.seed),
+            "X-Time-To-First-Audio-Ms": f"{stream.first_audio_s * 1000:.1f}",
+        }
+        pieces = _chained(first, stream, service.metrics, started)
+        if parsed.request.save_voice is not None:
+            # The voice is kept after the last frame: wait for it, so that the answer can
+            # say it was kept (X-Saved-Voice) or fail with why it was not.
+            whole = b"".join([piece async for piece in pieces])
+            headers["X-Saved-Voice"] = stream.summary["saved_voice"]["name"]
+            pieces = _once(whole)
+        if parsed.stream_format == "sse":
+            events = _sse_events(pieces, stream)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        media_type = audio.CONTENT_TYPES[parsed.request.format]
+        return StreamingResponse(pieces, media_type=media_type, headers=headers)
+
+    app.include_router(api)
+    app.add_api_websocket_route(STREAM_ROUTE, speech_stream)  # checks its key itself
+    app.include_router(voice_router(service, [Depends(authorize)]))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's code for the log
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, error: RequestError) -> JSONResponse:
+        status, code = 400, None
+        if isinstance(error, VoiceNotFoundError):
+            status, code = 404, "voice_not_found"
+        elif isinstance(error, VoiceExistsError | VoiceLimitError):
+            status = 409
+            code = "voice_exists" if isinstance(error, VoiceExistsError) else "voice_limit"
+        return ApiError(status, str(error), param=error.field or None, code=code).response()
+
+    @app.exception_handler(RequestTimeout)
+    async def timeout_error(request: Request, error: RequestTimeout) -> JSONResponse:
+        log.warning("speech request stopped: %s", error)
+        return ApiError(504, str(error), type="server_error", code="timeout").response()
+
+    @app.exception_handler(HiggsRunpodError)
+    async def worker_error(request: Request, error: HiggsRunpodError) -> JSONResponse:
+        """Out of memory is the caller's to know; other messages name paths: log only."""
+        log.error("speech request failed: %s", error)
+        message = str(error) if isinstance(error, OutOfMemoryError) else _INTERNAL
+        return ApiError(500, message, type="server_error").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return ApiError(error.status_code, str(error.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return ApiError(500, _INTERNAL, type="server_error").response()
+
+    app.add_middleware(CloseUnread)
+    return CountRequests(app, service.metrics, ROUTES)
+
+
+async def _first_piece(stream: AudioStream, request: Request, metrics: Metrics) -> bytes:
+    """Wait for the first audio piece, stopping generation if the client leaves meanwhile.
+
+    Errors before the first piece (bad voice, engine failure) still become proper error
+    responses, because nothing has been sent yet.
+    """
+    first = asyncio.ensure_future(stream.first())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            stream.cancel.set()
+            metrics.cancelled.inc()
+            log.info("client disconnected; generation stopped")
+            with suppress(HiggsRunpodError):  # GenerationCancelled, or whatever came first
+                await first
+            raise ClientGone
+        return first.result()
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _chained(
+    first: bytes, stream: AudioStream, metrics: Metrics, started: float
+) -> AsyncIterator[bytes]:
+    """All the audio; the metrics count it once the last piece has gone, or count a
+    cancellation when the client left mid-stream (the stream's `rest` stops the engine)."""
+    client_left = True  # unless the stream ends or runs out of time
+    try:
+        if first:
+            yield first
+        async for piece in stream.rest():
+            yield piece
+        client_left = False
+    except RequestTimeout as error:  # headers are gone: the connection is aborted instead
+        client_left = False
+        log.warning("speech request stopped mid-stream: %s", error)
+        raise
+    finally:
+        if client_left:
+            metrics.cancelled.inc()
+            log.info("client disconnected mid-stream; generation stopped")
+    metrics.generation_seconds.observe(time.perf_counter() - started)
+    metrics.audio_seconds.inc(stream.duration_s)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _sse_events(pieces: AsyncIterator[bytes], stream: AudioStream) -> AsyncIterator[bytes]:
+    """OpenAI's speech SSE: `speech.audio.delta` events (base64 audio), then `done`."""
+    async for piece in pieces:
+        yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()})
+    assert stream.usage is not None
+    prompt, generated = stream.usage["prompt_tokens"], stream.usage["generated_tokens"]
+    usage = {"input_tokens": prompt, "output_tokens": generated, "total_tokens": prompt + generated}
+    # Beyond OpenAI's fields: how the reference codes were had, and the kept voice.
+    extra = {
+        key: stream.summary[key] for key in ("voice_codes", "saved_voice") if key in stream.summary
+    }
+    yield _event({"type": "speech.audio.done", "usage": usage, **extra})
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()

@@ -1,0 +1,1 @@
+"""The voice library on the volume, and managing it."""

@@ -1,0 +1,434 @@
+"""The model behind a small interface: load once, then conversation in, codes and waveform out.
+
+Built on transformers' native Higgs Audio v2 classes. The processor is assembled from its
+parts (text tokenizer and chat template from MODEL_PATH, the audio tokenizer from
+TOKENIZER_PATH) so that nothing is looked up on the hub at run time.
+
+    conversation --chat template--> text + reference codes --prefill (model forward)-->
+    KV-cache slot --decode steps, batched with every other request (scheduler, slots)-->
+    delayed steps --DelayAligner--> codes (frames x codebooks) --audio tokenizer--> samples
+
+All model work runs on one thread, the decode loop's (scheduler.DecodeLoop): callers on
+other threads block on their own request while it decodes among the others.
+
+Audio in a conversation is either a waveform (`{"type": "audio", "audio": samples}`,
+encoded here) or codes already (`{"type": "audio", "codes": tensor}`), which is how long
+texts carry earlier chunks as context without re-encoding them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from transformers import (
+    AutoTokenizer,
+    BatchFeature,
+    DacFeatureExtractor,
+    DynamicCache,
+    HiggsAudioV2ForConditionalGeneration,
+    HiggsAudioV2Processor,
+    HiggsAudioV2TokenizerModel,
+)
+
+from higgs_runpod.errors import ModelNotFoundError, RequestError
+from higgs_runpod.settings import Settings
+from higgs_runpod.synthesis.sampler import (
+    ALL_FEATURES,
+    AudioVocab,
+    Features,
+    SamplingParams,
+    features_of,
+    sample,
+)
+from higgs_runpod.synthesis.scheduler import Decoded, DecodeLoop, Request
+from higgs_runpod.synthesis.slots import DecodeState, GraphedSteps, SlotCache, decode_step
+from higgs_runpod.synthesis.streaming import DelayAligner, receptive_field_frames
+from higgs_runpod.synthesis.voice_cache import CodesShape, VoiceCache, tokenizer_identity
+from higgs_runpod.weights.model_store import ensure_checkpoints
+
+__all__ = ["Engine", "FrameCallback", "SamplingParams", "Synthesis", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+FrameCallback = Callable[[torch.Tensor], None]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    samples: np.ndarray  # float32 mono at sample_rate (empty when not decoded)
+    sample_rate: int
+    codes: torch.Tensor  # (frames, codebooks), on the CPU
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int
+    prepare_ms: float
+    generate_ms: float
+    decode_ms: float
+
+    @property
+    def frames(self) -> int:
+        return int(self.codes.shape[0])
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """`auto` means CUDA in bfloat16 when a GPU is visible, else CPU in float32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if dtype == "auto":
+        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
+    return resolved, getattr(torch, dtype)
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class Engine:
+    """One model per worker process; any number of threads may call `synthesize` at once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device, self.dtype = resolve_device(settings.device, settings.dtype)
+        self.model: HiggsAudioV2ForConditionalGeneration | None = None
+        self.processor: HiggsAudioV2Processor | None = None
+        self.decoder_context_frames = 0  # frames each side that one frame's audio depends on
+        self.voice_cache: VoiceCache | None = None
+        self.slots = 0
+        self.context = 0
+        self.cuda_graphs = False
+        self._loop = DecodeLoop()
+        self._load_lock = threading.Lock()
+        self._step: Callable[..., None] | None = None
+
+    @property
+    def running(self) -> int:
+        """Requests holding a KV-cache slot now."""
+        return self._loop.running
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.model is not None
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self._processor.audio_tokenizer.config.sample_rate)
+
+    @property
+    def frame_rate(self) -> float:
+        config = self._processor.audio_tokenizer.config
+        return config.sample_rate / config.hop_length
+
+    @property
+    def _processor(self) -> HiggsAudioV2Processor:
+        if self.processor is None:
+            raise RuntimeError("the engine is not loaded")
+        return self.processor
+
+    def load(self) -> float:
+        """Load the checkpoints (once); returns the seconds this call spent waiting or loading."""
+        start = time.perf_counter()
+        with self._load_lock:
+            if self.model is None:
+                self._loop.call(self._load)
+        return time.perf_counter() - start
+
+    def _load(self) -> None:
+        paths, readies = ensure_checkpoints(self.settings)
+        for ready in readies:  # the start-up already reported these at INFO
+            log.debug("%s", ready.describe())
+        log.info("loading %s on %s (%s)", paths.model_path, self.device, self.dtype)
+        if self.device.type == "cuda":  # TF32 for the audio tokenizer's float32 convolutions
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+        audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(
+            paths.tokenizer_path, device_map=self.device
+        ).eval()
+        text_tokenizer = AutoTokenizer.from_pretrained(paths.model_path)
+        model = HiggsAudioV2ForConditionalGeneration.from_pretrained(
+            paths.model_path, dtype=self.dtype, device_map=self.device, attn_implementation="sdpa"
+        ).eval()
+        template_file = paths.model_path / "chat_template.jinja"
+        chat_template = (
+            template_file.read_text() if template_file.is_file() else text_tokenizer.chat_template
+        )
+        if not chat_template:
+            raise ModelNotFoundError(f"MODEL_PATH={paths.model_path} has no chat template")
+        tokenizer_config = audio_tokenizer.config
+        self.processor = HiggsAudioV2Processor(
+            feature_extractor=DacFeatureExtractor(
+                sampling_rate=tokenizer_config.sample_rate, hop_length=tokenizer_config.hop_length
+            ),
+            tokenizer=text_tokenizer,
+            audio_tokenizer=audio_tokenizer,
+            chat_template=chat_template,
+            audio_stream_bos_id=model.config.audio_stream_bos_id,
+            audio_stream_eos_id=model.config.audio_stream_eos_id,
+        )
+        self.voice_cache = VoiceCache(
+            tokenizer_identity(paths.tokenizer_path, readies[1].commit),
+            self.settings.voice_cache_items,
+            self.settings.voice_cache_path,
+        )
+        self.voice_cache.bind(  # cached files are checked against what this model accepts
+            CodesShape(model.config.num_codebooks, audio_tokenizer.config.codebook_size),
+            int(self.settings.voice_cache_max_mb * 1_000_000),
+        )
+        self._attach(model)
+        self.decoder_context_frames = receptive_field_frames(
+            self.decode_codes, model.config.num_codebooks
+        )
+        log.info("model loaded: %s parameters", f"{model.num_parameters():,}")
+
+    def use_model(self, model: HiggsAudioV2ForConditionalGeneration) -> None:
+        """Decode with a model built in memory, without checkpoints or processor: only
+        `decode` works then (bench/throughput.py runs the released shape this way)."""
+        with self._load_lock:
+            self._loop.call(lambda: self._attach(model))
+
+    def _attach(self, model: HiggsAudioV2ForConditionalGeneration) -> None:
+        self._allocate(model)
+        self.model = model
+        self._loop.attach(self)
+
+    def _allocate(self, model: HiggsAudioV2ForConditionalGeneration) -> None:
+        """The KV-cache slots and decode state, sized by the settings and the memory budget."""
+        config = model.config
+        self.vocab = AudioVocab(
+            num_codebooks=config.num_codebooks,
+            codebook_size=config.codebook_size,
+            stream_bos=config.audio_stream_bos_id,
+            stream_eos=config.audio_stream_eos_id,
+            audio_bos_token=config.audio_bos_token_id,
+            audio_delay_token=config.audio_delay_token_id,
+        )
+        self.context = min(self.settings.max_context_tokens, config.max_position_embeddings)
+        per_token = SlotCache.bytes_per_token(config, self.dtype)
+        budget = self.settings.kv_cache_tokens or self._free_memory_tokens(per_token)
+        self.slots = min(self.settings.max_batch_size, budget // self.context)
+        if self.slots < 1:
+            raise ModelNotFoundError(
+                f"the KV-cache budget ({budget} tokens) cannot hold one {self.context}-token "
+                "context: lower MAX_CONTEXT_TOKENS, or raise KV_CACHE_MEMORY_FRACTION or "
+                "KV_CACHE_TOKENS"
+            )
+        log.info("KV cache: budget %d tokens; %d slots x %d tokens = %d tokens (%.2f GiB)",
+                 budget, self.slots, self.context, self.slots * self.context,
+                 self.slots * self.context * per_token / 2**30)  # fmt: skip
+        self._cache = SlotCache(config, self.slots, self.context, self.dtype, self.device)
+        self._state = DecodeState.allocate(self.slots, self.vocab, self.device)
+
+        def eager(rows: int, length: int, features: Features = ALL_FEATURES) -> None:
+            decode_step(model, self._cache, self._state, self.vocab, rows, length, features)
+
+        self._step = eager
+        self.cuda_graphs = False
+        if self.device.type == "cuda" and self.settings.cuda_graphs:
+            try:
+                graphs = GraphedSteps(eager, self._state, self.slots, self.context)
+                graphs.capture()
+                self._step, self.cuda_graphs = graphs, True
+                log.info("decode step captured as %d CUDA graphs", len(graphs.graphs))
+            except Exception as error:  # any capture failure: decode eagerly instead
+                log.warning("CUDA graph capture failed (%s); decoding eagerly", error)
+
+    def _free_memory_tokens(self, per_token: int) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(free * self.settings.kv_cache_memory_fraction) // per_token
+
+    def synthesize(
+        self,
+        conversation: list[dict[str, Any]],
+        params: SamplingParams,
+        *,
+        cancel: threading.Event | None = None,
+        on_frames: FrameCallback | None = None,
+        decode: bool = True,
+    ) -> Synthesis:
+        """Generate speech for one conversation (see prompts.build_conversation).
+
+        `on_frames` receives each batch of newly completed frames (frames x codebooks) from
+        the decode thread as soon as every codebook has them; setting `cancel` stops
+        generation at the next step. The result holds what was generated until then.
+        """
+        self.load()
+        seed = params.seed if params.seed is not None else random.randrange(2**32)
+        decoded = self.decode(lambda: self._prepare(conversation), replace(params, seed=seed),
+                              cancel=cancel, on_frames=on_frames)  # fmt: skip
+        empty = torch.zeros((0, self.vocab.num_codebooks), dtype=torch.long)
+        codes = torch.cat(decoded.frames) if decoded.frames else empty
+        start = time.perf_counter()
+        samples = self.decode_codes(codes) if decode else np.zeros(0, dtype=np.float32)
+        return Synthesis(
+            samples=samples,
+            sample_rate=self.sample_rate,
+            codes=codes,
+            prompt_tokens=decoded.prompt_tokens,
+            generated_tokens=decoded.steps,
+            seed=seed,
+            prepare_ms=decoded.prepare_ms,
+            generate_ms=decoded.generate_ms,
+            decode_ms=_ms_since(start),
+        )
+
+    def decode(
+        self,
+        prepare: Callable[[], BatchFeature],
+        params: SamplingParams,
+        *,
+        cancel: threading.Event | None = None,
+        on_frames: FrameCallback | None = None,
+    ) -> Decoded:
+        """Decode one prompt among the other requests. `prepare` makes its model inputs;
+        it runs on the model thread when the request gets its slot."""
+        request = Request(
+            prepare=prepare,
+            settings=params,
+            aligner=DelayAligner(self.vocab.stream_bos, self.vocab.stream_eos),
+            cancel=cancel,
+            on_frames=on_frames,
+        )
+        return self._loop.submit(request)
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Run `function` on the model thread, between decode steps (tests and benchmarks
+        use it to run the model directly)."""
+        return self._loop.call(function)
+
+    def prompt_inputs(self, conversation: list[dict[str, Any]]) -> BatchFeature:
+        """The model inputs of a conversation's prompt (what `generate` would be given)."""
+        self.load()
+        return self._loop.call(lambda: self._prepare(conversation))
+
+    def encode_clip(self, samples: np.ndarray) -> torch.Tensor:
+        """A reference clip (float32 mono at sample_rate) -> codes (frames x codebooks)."""
+        return self._loop.call(lambda: self._encode_clip(samples))
+
+    def _encode_clip(self, samples: np.ndarray) -> torch.Tensor:
+        processor = self._processor
+        features = processor.feature_extractor(
+            samples, sampling_rate=self.sample_rate, return_tensors="pt"
+        )
+        with torch.inference_mode():
+            input_values = features["input_values"].to(self.device)
+            codes = processor.audio_tokenizer.encode(input_values).audio_codes
+        return codes[0].T.cpu()
+
+    def decode_codes(self, codes: torch.Tensor) -> np.ndarray:
+        """Codes (frames x codebooks) -> float32 mono samples."""
+        if codes.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self._loop.call(lambda: self._decode_codes(codes))
+
+    def _decode_codes(self, codes: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            tokens = codes.T.unsqueeze(0).to(self.device)
+            audio = self._processor.audio_tokenizer.decode(tokens)
+            return audio.audio_values.float().reshape(-1).cpu().numpy()
+
+    def clip_codes(self, samples: np.ndarray) -> torch.Tensor:
+        """A clip's codes through the voice cache: encoded at most once per tokenizer."""
+        self.load()
+        assert self.voice_cache is not None
+        return self.voice_cache.codes(samples, self.encode_clip)
+
+    def _prepare(self, conversation: list[dict[str, Any]]) -> BatchFeature:
+        """Render the chat template and put each clip's delayed codes where its placeholder is.
+
+        The same steps as the processor's own `__call__`, except that clips given as codes
+        are used as they are instead of being decoded and encoded again.
+        """
+        processor = self._processor
+        text = processor.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        clips = [item for m in conversation for item in m["content"] if item["type"] == "audio"]
+        pieces = text.split(processor.audio_token)
+        if len(pieces) != len(clips) + 1:
+            raise ValueError("the chat template placed a different number of clips")
+        delayed = [self._delayed(self._clip_codes(clip)) for clip in clips]
+        text = pieces[0] + "".join(
+            processor.get_audio_tokens(len(steps)) + piece
+            for steps, piece in zip(delayed, pieces[1:], strict=True)
+        )
+        inputs = processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        if delayed:
+            audio_input_ids = torch.cat(delayed).unsqueeze(0)
+            inputs["audio_input_ids"] = audio_input_ids
+            inputs["audio_input_ids_mask"] = torch.ones(audio_input_ids.shape[:2], dtype=torch.bool)
+        return inputs.to(self.device)
+
+    def _clip_codes(self, clip: dict[str, Any]) -> torch.Tensor:
+        return clip["codes"] if "codes" in clip else self.clip_codes(clip["audio"])
+
+    def _delayed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (frames x codebooks) -> stream BOS + codes + EOS in the delay pattern."""
+        processor = self._processor
+        codes = codes.T.unsqueeze(0).to(self.device)
+        bos = codes.new_full((1, codes.shape[1], 1), processor.audio_stream_bos_id)
+        eos = codes.new_full((1, codes.shape[1], 1), processor.audio_stream_eos_id)
+        return processor.build_delay_pattern(torch.cat([bos, codes, eos], dim=2))[0].T
+
+    # What the decode loop calls (scheduler.Backend), always on its thread.
+
+    def prefill(self, request: Request, slot: int) -> torch.Tensor:
+        """Run the prompt through the model's own forward (the masked text + audio path),
+        keep its keys and values in `slot` and sample the first step."""
+        assert self.model is not None
+        started = time.perf_counter()
+        inputs = request.prepare()
+        prompt_ids = inputs["input_ids"][0]
+        request.prompt_tokens = int(prompt_ids.shape[0])
+        request.prepare_ms = _ms_since(started)
+        request.started = time.perf_counter()
+        limit = request.prompt_tokens + request.settings.max_new_tokens
+        if limit > self.context:
+            raise RequestError(
+                "max_new_tokens",
+                f"the prompt ({request.prompt_tokens} tokens: text, reference audio and "
+                f"context) plus max_new_tokens ({request.settings.max_new_tokens}) exceeds the "
+                f"{self.context} tokens a request may use on this worker (MAX_CONTEXT_TOKENS)",
+            )
+        cache = DynamicCache(config=self.model.config)
+        output = self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        self._cache.fill(slot, cache)
+        audio = inputs.get("audio_input_ids")
+        sampling = self._state.sampling
+        sampling.load(slot, request.settings, self.vocab, prompt_ids.cpu(),
+                      audio[0] if audio is not None else None)  # fmt: skip
+        features = features_of([request.settings], self.vocab)
+        first = sample(sampling.rows(slot, slot + 1), output.logits[:, -1], self.vocab, features)[0]
+        self._state.codes[slot] = first[:-1]
+        self._state.positions[slot] = request.prompt_tokens
+        return first
+
+    def step(self, rows: int, length: int, settings: list[SamplingParams]) -> torch.Tensor:
+        assert self._step is not None
+        if self.cuda_graphs:
+            self._step(rows, length)  # graphs run every feature: one graph serves any mix
+        else:
+            self._step(rows, length, features_of(settings, self.vocab))
+        return self._state.readback[:rows]
+
+    def activate(self, slot: int) -> None:
+        self._state.active[slot] = True
+
+    def deactivate(self, slot: int) -> None:
+        self._state.active[slot] = False
+
+    def release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,1 @@
+"""The model on the volume: download, checks, the lock, tiny test checkpoints."""
