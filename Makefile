@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TINY_DIR ?= models/tiny
 
-.PHONY: setup serve serve-tiny test lint format bench check-delivery pin-images
+.PHONY: setup serve serve-tiny test typecheck lint format bench check-delivery pin-images
 
 $(VENV)/.synced: pyproject.toml uv.lock requirements-build.lock
 	test -x $(UV) || ($(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q \
@@ -28,10 +28,14 @@ serve-tiny: setup
 	MODEL_PATH=$(TINY_DIR)/model TOKENIZER_PATH=$(TINY_DIR)/tokenizer \
 		$(VENV)/bin/higgs-runpod serve --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup typecheck
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/pytest
+
+# mypy over src/ (settings in pyproject.toml); part of `make test`.
+typecheck: setup
+	$(VENV)/bin/mypy
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

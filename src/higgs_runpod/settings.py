@@ -34,6 +34,26 @@ def default_checkpoint_root() -> Path:
     return cache / "higgs-runpod"
 
 
+# OpenAI's built-in voice names -> upstream Higgs Audio preset names (examples/voice_prompts),
+# by the gender of OpenAI's voice. Used only when the library holds that preset; otherwise
+# the model picks the voice (smart voice).
+DEFAULT_OPENAI_VOICE_MAP = {
+    "alloy": "en_woman",
+    "ash": "en_man",
+    "ballad": "chadwick",
+    "coral": "belinda",
+    "echo": "en_man",
+    "fable": "chadwick",
+    "nova": "en_woman",
+    "onyx": "chadwick",
+    "sage": "mabel",
+    "shimmer": "belinda",
+    "verse": "en_man",
+    "marin": "mabel",
+    "cedar": "en_man",
+}
+
+
 class Settings(BaseSettings):
     """Every knob of the worker; the README's configuration table mirrors this class."""
 
@@ -380,26 +400,6 @@ class Settings(BaseSettings):
         if isinstance(value, dict):
             return {str(k).strip().lower(): str(v).strip() for k, v in value.items()}
         return value
-
-
-# OpenAI's built-in voice names -> upstream Higgs Audio preset names (examples/voice_prompts),
-# by the gender of OpenAI's voice. Used only when the library holds that preset; otherwise
-# the model picks the voice (smart voice).
-DEFAULT_OPENAI_VOICE_MAP = {
-    "alloy": "en_woman",
-    "ash": "en_man",
-    "ballad": "chadwick",
-    "coral": "belinda",
-    "echo": "en_man",
-    "fable": "chadwick",
-    "nova": "en_woman",
-    "onyx": "chadwick",
-    "sage": "mabel",
-    "shimmer": "belinda",
-    "verse": "en_man",
-    "marin": "mabel",
-    "cedar": "en_man",
-}
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

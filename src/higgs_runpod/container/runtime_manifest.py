@@ -72,11 +72,10 @@ def build(root: Path, skip: str) -> Manifest:
     links = [relative for relative, info in entries if info is None]
     if links:
         raise ValueError(f"the install made symbolic links, which are never trusted: {links[:3]}")
+    sizes = [(relative, info.st_size) for relative, info in entries if info is not None]
     with ThreadPoolExecutor(HASH_THREADS) as pool:
-        hashes = pool.map(lambda item: _sha256(root / item[0]), entries)
-        return {
-            rel: [info.st_size, digest] for (rel, info), digest in zip(entries, hashes, strict=True)
-        }
+        hashes = pool.map(lambda item: _sha256(root / item[0]), sizes)
+        return {rel: [size, digest] for (rel, size), digest in zip(sizes, hashes, strict=True)}
 
 
 def problems(root: Path, manifest: object, skip: str) -> list[str]:

@@ -20,7 +20,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from importlib import resources
 from typing import Any
@@ -155,7 +155,7 @@ class AudioStream:
             self.cancel.set()  # a client that leaves mid-stream stops the engine too
             await self._pieces.aclose()
 
-    async def _generate(self) -> AsyncIterator[bytes]:
+    async def _generate(self) -> AsyncGenerator[bytes, None]:
         timeout_s = self.worker.settings.request_timeout_s
         try:
             pieces = self.worker.stream(self.request, cancel=self.cancel)
@@ -362,7 +362,7 @@ async def _sse_events(pieces: AsyncIterator[bytes], stream: AudioStream) -> Asyn
     prompt, generated = stream.usage["prompt_tokens"], stream.usage["generated_tokens"]
     usage = {"input_tokens": prompt, "output_tokens": generated, "total_tokens": prompt + generated}
     # Beyond OpenAI's fields: how the reference codes were had, and the kept voice.
-    extra = {
+    extra: dict[str, Any] = {
         key: stream.summary[key] for key in ("voice_codes", "saved_voice") if key in stream.summary
     }
     yield _event({"type": "speech.audio.done", "usage": usage, **extra})

@@ -242,7 +242,7 @@ def uvicorn_config(app: ASGIApp, settings: Settings, host: str, port: int) -> uv
         http=protocol,  # type: ignore[arg-type]
         # uvicorn counts the connection asking too: +1 serves exactly HTTP_MAX_CONNECTIONS.
         limit_concurrency=settings.http_max_connections + 1,
-        timeout_keep_alive=settings.http_keep_alive_s,
+        timeout_keep_alive=round(settings.http_keep_alive_s),
         # A WebSocket config may carry a reference clip; audio does not compress.
         ws_max_size=settings.http_max_body_bytes,
         ws_per_message_deflate=False,

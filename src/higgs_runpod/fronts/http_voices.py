@@ -145,7 +145,7 @@ def _parse(body: bytes, content_type: str, media_type: str) -> tuple[dict[str, A
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
     if not message.is_multipart():
         raise ApiError(400, "the multipart body could not be parsed (boundary missing?)")
-    fields: dict[str, Any] = {}
+    fields = {}
     clip: bytes | None = None
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")

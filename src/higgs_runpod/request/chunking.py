@@ -80,7 +80,7 @@ def _fit(text: str, chunk: Chunk, max_chars: int) -> list[Chunk]:
     pieces, start = [], chunk.start
     while start < chunk.end:
         turn = [tag for tag in tags if tag.start() < start]
-        opens_turn = SPEAKER_TAG.match(text, _SPACES.match(text, start).end())
+        opens_turn = SPEAKER_TAG.match(text, _spaces_end(text, start))
         prefix = turn[-1].group(0) + " " if turn and not opens_turn else ""
         end = _longest_fit(text, start, chunk.end, max_chars, prefix)
         piece = _chunk(text, start, end)
@@ -143,9 +143,19 @@ def _by_words(text: str, max_words: int) -> list[tuple[int, int]]:
     return spans
 
 
-def _spans_between(separator: re.Pattern[str], text: str, start: int, end: int):
+def _spaces_end(text: str, start: int) -> int:
+    """Where the run of whitespace at `start` ends."""
+    match = _SPACES.match(text, start)
+    assert match is not None  # `\s*` matches the empty string
+    return match.end()
+
+
+def _spans_between(
+    separator: re.Pattern[str], text: str, start: int, end: int
+) -> list[tuple[int, int]]:
     """Spans of text[start:end] between matches of `separator`."""
-    spans, position = [], start
+    spans: list[tuple[int, int]] = []
+    position = start
     for match in separator.finditer(text, start, end):
         spans.append((position, match.start()))
         position = match.end()

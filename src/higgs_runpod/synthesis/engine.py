@@ -122,12 +122,17 @@ class Engine:
 
     @property
     def sample_rate(self) -> int:
-        return int(self._processor.audio_tokenizer.config.sample_rate)
+        return int(self._audio_tokenizer.config.sample_rate)
 
     @property
     def frame_rate(self) -> float:
-        config = self._processor.audio_tokenizer.config
+        config = self._audio_tokenizer.config
         return config.sample_rate / config.hop_length
+
+    @property
+    def _audio_tokenizer(self) -> HiggsAudioV2TokenizerModel:
+        # ProcessorMixin sets its parts as attributes that its type hints do not declare.
+        return self._processor.audio_tokenizer  # type: ignore[attr-defined]
 
     @property
     def _processor(self) -> HiggsAudioV2Processor:
@@ -324,7 +329,7 @@ class Engine:
         )
         with torch.inference_mode():
             input_values = features["input_values"].to(self.device)
-            codes = processor.audio_tokenizer.encode(input_values).audio_codes
+            codes = self._audio_tokenizer.encode(input_values).audio_codes
         return codes[0].T.cpu()
 
     def decode_codes(self, codes: torch.Tensor) -> np.ndarray:
@@ -336,7 +341,7 @@ class Engine:
     def _decode_codes(self, codes: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             tokens = codes.T.unsqueeze(0).to(self.device)
-            audio = self._processor.audio_tokenizer.decode(tokens)
+            audio = self._audio_tokenizer.decode(tokens)
             return audio.audio_values.float().reshape(-1).cpu().numpy()
 
     def clip_codes(self, samples: np.ndarray) -> torch.Tensor:

@@ -104,7 +104,9 @@ class ProgressiveEncoder:
             self.whole_file or self.sink, mode="w", format=container_format,
             container_options=options,
         )  # fmt: skip
-        self.stream = self.container.add_stream(codec, rate=sample_rate, layout="mono")
+        stream = self.container.add_stream(codec, rate=sample_rate, layout="mono")
+        assert isinstance(stream, av.AudioStream)
+        self.stream = stream
         if audio_format in _BITRATES:
             self.stream.bit_rate = _BITRATES[audio_format]
         self.container.start_encoding()  # the header goes out with the first bytes
@@ -159,7 +161,7 @@ class ProgressiveEncoder:
         if self.container is None:
             self.samples_out += len(pcm)
             return pcm.tobytes()
-        packets = []
+        packets: list[av.Packet] = []
         if len(pcm):
             frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate = self.sample_rate

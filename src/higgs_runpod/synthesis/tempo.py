@@ -10,6 +10,8 @@ response equal the non-streamed one.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import av
 import av.filter
 import numpy as np
@@ -41,7 +43,7 @@ class Stretcher:
         self.sample_rate = sample_rate
         self.graph = av.filter.Graph()
         node = self.graph.add_abuffer(
-            format="flt", sample_rate=sample_rate, layout="mono", time_base=f"1/{sample_rate}"
+            format="flt", sample_rate=sample_rate, layout="mono", time_base=Fraction(1, sample_rate)
         )
         for factor in atempo_factors(speed):
             stretched = self.graph.add("atempo", f"{factor:.6f}")

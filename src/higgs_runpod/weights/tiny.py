@@ -172,11 +172,16 @@ def build_model(
     seed: int = 0,
     shape: dict | None = None,
     codebooks: int = TINY_CODEBOOKS,
-):
+) -> HiggsAudioV2ForConditionalGeneration:
     """A generation model (two tiny layers unless `shape` says otherwise: benchmarks use
     bigger ones) whose audio vocabulary matches `build_audio_tokenizer(codebooks=...)`."""
     torch.manual_seed(seed)
-    ids = text_tokenizer.convert_tokens_to_ids
+
+    def ids(token: str) -> int:
+        found = text_tokenizer.convert_tokens_to_ids(token)
+        assert isinstance(found, int), token
+        return found
+
     config = HiggsAudioV2Config(
         **(shape or TINY_SHAPE),
         vocab_size=len(text_tokenizer),

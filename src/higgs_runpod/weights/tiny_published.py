@@ -118,7 +118,9 @@ def build_published_text_tokenizer() -> PreTrainedTokenizerFast:
     return text_tokenizer
 
 
-def build_published_model(seed: int = 0, shape: dict | None = None):
+def build_published_model(
+    seed: int = 0, shape: dict | None = None
+) -> HiggsAudioV2ForConditionalGeneration:
     """The generation model with the conversion script's configuration and generation
     settings, at `shape` (PUBLISHED_SHAPE unless given)."""
     torch.manual_seed(seed)
