@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from higgs_runpod.weights.volume_lock import (
+from higgs_runpod.container.volume_lock import (
     OWNER_FILE,
     LockTimeout,
     VolumeLock,

@@ -29,7 +29,8 @@ volume, once per lock file, and reused by every later start without network acce
 - No volume: a container-local directory is used instead, with a warning (the install
   then happens on every cold start of that container).
 
-This module runs before the runtime exists: standard library only (and `volume_lock`).
+This module runs before the runtime exists: standard library only, like the rest of
+`higgs_runpod.container` (`volume_lock`, `runtime_manifest`), the only modules it imports.
 Configuration comes from environment variables, read in `load_config`; see
 README's configuration table (bootstrap part) for each one.
 """
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from higgs_runpod.container import runtime_manifest
-from higgs_runpod.weights.volume_lock import (
+from higgs_runpod.container.volume_lock import (
     VolumeLock,
     owner_sibling,
     publish_directory,

@@ -30,6 +30,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from higgs_runpod.container.volume_lock import (
+    LockTimeout,
+    VolumeLock,
+    adopt_staging,
+    publish_directory,
+    remove_tree,
+)
 from higgs_runpod.errors import CheckpointDownloadError, ModelNotFoundError
 from higgs_runpod.settings import Settings
 from higgs_runpod.weights.download import (
@@ -38,13 +45,6 @@ from higgs_runpod.weights.download import (
     fetch_manifest,
     file_problem,
     tree_bytes,
-)
-from higgs_runpod.weights.volume_lock import (
-    LockTimeout,
-    VolumeLock,
-    adopt_staging,
-    publish_directory,
-    remove_tree,
 )
 
 log = logging.getLogger(__name__)
