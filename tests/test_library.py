@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from conftest import EncodeSpy, b64, make_wav
+from higgs_runpod.errors import VoiceExistsError
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.library import store as library
-from higgs_runpod.library.store import NewVoice, VoiceExistsError, VoiceStore, list_library
+from higgs_runpod.library.store import NewVoice, VoiceStore, list_library
 from higgs_runpod.request.schema import parse_request
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.synthesis.engine import Engine
@@ -165,7 +166,8 @@ def test_a_create_that_raced_past_max_voices_leaves_again(
 RACER = """
 import sys, time
 from pathlib import Path
-from higgs_runpod.library.store import NewVoice, VoiceExistsError, VoiceStore
+from higgs_runpod.errors import VoiceExistsError
+from higgs_runpod.library.store import NewVoice, VoiceStore
 root, name, start = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 clip = Path(sys.argv[4]).read_bytes()
 store = VoiceStore(root, max_voices=100)

@@ -323,6 +323,10 @@ class Settings(BaseSettings):
     runpod_endpoint_id: str | None = Field(
         default=None, description="Set by RunPod on its workers; never set it yourself."
     )
+    runpod_webhook_post_output: str | None = Field(
+        default=None,
+        description="Set by RunPod on its workers (job progress goes there); never set it.",
+    )
     openai_voice_map: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_OPENAI_VOICE_MAP),
         description="OpenAI voice name -> library voice, as `alloy=belinda,echo=en_man`.",

@@ -7,8 +7,8 @@ The HTTP layer only translates; the audio comes from the same `Worker.speak` as 
     GET /v1/audio/speech/stream (WebSocket): text in as it is written, audio out (speech_ws)
 
 Keys, content types and bodies are checked first (`http_guard`, which also bounds sockets).
-Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` from the
-handlers at the bottom of `create_app`, and nowhere else.
+Errors leave in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` from
+`http_errors.error_response`, and nowhere else.
 """
 
 from __future__ import annotations
@@ -25,15 +25,22 @@ from contextlib import asynccontextmanager, suppress
 from importlib import resources
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from higgs_runpod.container.health import mark_ready
-from higgs_runpod.errors import HiggsRunpodError, OutOfMemoryError, RequestError, RequestTimeout
-from higgs_runpod.fronts.http_guard import (
+from higgs_runpod.errors import (
     ApiError,
     ClientGone,
+    HiggsRunpodError,
+    RequestError,
+    RequestTimeout,
+)
+from higgs_runpod.fronts import http_errors
+from higgs_runpod.fronts.http_errors import error_response
+from higgs_runpod.fronts.http_guard import (
     CloseUnread,
     authorize,
     read_json,
@@ -43,7 +50,6 @@ from higgs_runpod.fronts.http_metrics import CONTENT_TYPE, CountRequests, Metric
 from higgs_runpod.fronts.http_voices import VOICES_ROUTE, voice_router
 from higgs_runpod.fronts.runpod import Worker, within
 from higgs_runpod.fronts.speech_ws import STREAM_ROUTE, speech_stream
-from higgs_runpod.library.store import VoiceExistsError, VoiceLimitError, VoiceNotFoundError
 from higgs_runpod.request.openai_schema import (
     MODEL_ALIASES,
     MODEL_ID,
@@ -57,7 +63,6 @@ from higgs_runpod.synthesis import audio
 log = logging.getLogger(__name__)
 
 SPEECH_ROUTE = "/v1/audio/speech"
-_INTERNAL = "internal error while generating speech; the worker log has the details"
 ROUTES = frozenset({"/", "/ping", "/metrics", "/v1/models", VOICES_ROUTE, SPEECH_ROUTE})
 
 
@@ -227,12 +232,9 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         try:
             first = await _first_piece(stream, request, service.metrics)
         except RequestError as error:  # found while planning: voices, chunks, prompt
-            raise in_openai_terms(error) from None
-        except (HiggsRunpodError, ClientGone):
-            raise
-        except Exception as error:  # ours: log it whole, tell the caller little
-            log.exception("speech request failed with an internal error")
-            raise ApiError(500, _INTERNAL, type="server_error") from error
+            return error_response(in_openai_terms(error), SPEECH_ROUTE)
+        except Exception as error:  # answered here: a bug's traceback is logged once
+            return error_response(error, SPEECH_ROUTE)
         assert stream.first_audio_s is not None
         service.metrics.first_audio_seconds.labels("http").observe(stream.first_audio_s)
         headers = {
@@ -255,46 +257,10 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
     app.include_router(api)
     app.add_api_websocket_route(STREAM_ROUTE, speech_stream)  # checks its key itself
     app.include_router(voice_router(service, [Depends(authorize)]))
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return error.response()
-
-    @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, error: ClientGone) -> Response:
-        return Response(status_code=499)  # nobody reads it; nginx's code for the log
-
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, error: RequestError) -> JSONResponse:
-        status, code = 400, None
-        if isinstance(error, VoiceNotFoundError):
-            status, code = 404, "voice_not_found"
-        elif isinstance(error, VoiceExistsError | VoiceLimitError):
-            status = 409
-            code = "voice_exists" if isinstance(error, VoiceExistsError) else "voice_limit"
-        return ApiError(status, str(error), param=error.field or None, code=code).response()
-
-    @app.exception_handler(RequestTimeout)
-    async def timeout_error(request: Request, error: RequestTimeout) -> JSONResponse:
-        log.warning("speech request stopped: %s", error)
-        return ApiError(504, str(error), type="server_error", code="timeout").response()
-
-    @app.exception_handler(HiggsRunpodError)
-    async def worker_error(request: Request, error: HiggsRunpodError) -> JSONResponse:
-        """Out of memory is the caller's to know; other messages name paths: log only."""
-        log.error("speech request failed: %s", error)
-        message = str(error) if isinstance(error, OutOfMemoryError) else _INTERNAL
-        return ApiError(500, message, type="server_error").response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return ApiError(error.status_code, str(error.detail)).response()
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return ApiError(500, _INTERNAL, type="server_error").response()
-
+    # Every error leaves through http_errors. Exception (a bug of ours) is Starlette's
+    # last resort, which also re-raises it for the server's log.
+    for kind in (HiggsRunpodError, StarletteHTTPException, torch.OutOfMemoryError, Exception):
+        app.add_exception_handler(kind, http_errors.handle)
     app.add_middleware(CloseUnread)
     return CountRequests(app, service.metrics, ROUTES)
 

@@ -4,10 +4,10 @@
         CloseUnread: an answer sent before the body ended closes the connection -->
         route: authorize (401) -> require_json (415) -> admit (429) -> read_json (413, 408, 400)
 
-Every refusal is an `ApiError` in OpenAI's shape. uvicorn has no deadline for headers and
-none for bodies, and a connection whose request body is still arriving stays open after the
-answer (each byte resets its keep-alive timer): without these, a client dripping a byte a
-second holds a socket for ever.
+Every refusal is an `ApiError` (errors.py), which leaves in OpenAI's shape (http_errors.py).
+uvicorn has no deadline for headers and none for bodies, and a connection whose request
+body is still arriving stays open after the answer (each byte resets its keep-alive
+timer): without these, a client dripping a byte a second holds a socket for ever.
 """
 
 from __future__ import annotations
@@ -21,38 +21,12 @@ from typing import Any
 
 import uvicorn
 from fastapi import Request, WebSocket
-from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from higgs_runpod.errors import ApiError, ClientGone
 from higgs_runpod.settings import Settings
-
-
-class ApiError(Exception):
-    """An error response in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type, param, code
-        )  # fmt: skip
-
-    def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.type, "param": self.param}
-        return JSONResponse({"error": {**error, "code": self.code}}, status_code=self.status)
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer (while sending, or before the first audio)."""
 
 
 def bearer_allowed(settings: Settings) -> bool:

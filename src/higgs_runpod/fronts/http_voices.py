@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from higgs_runpod.fronts.http_guard import ApiError, read_body
+from higgs_runpod.errors import ApiError
+from higgs_runpod.fronts.http_guard import read_body
 from higgs_runpod.request.openai_schema import OPENAI_VOICES, map_voice
 from higgs_runpod.synthesis import audio
 

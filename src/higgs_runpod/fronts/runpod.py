@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -35,7 +34,7 @@ from typing import Any, TypeVar
 import torch
 
 from higgs_runpod.delivery.storage import Storage
-from higgs_runpod.errors import HiggsRunpodError, RequestError, RequestTimeout
+from higgs_runpod.errors import RequestError, RequestTimeout, known_error
 from higgs_runpod.library.manage import ACTIONS, Encoder, VoiceService
 from higgs_runpod.library.store import list_library
 from higgs_runpod.request.chunking import Chunk, split_text
@@ -48,6 +47,7 @@ from higgs_runpod.synthesis.engine import Engine, SamplingParams
 from higgs_runpod.synthesis.longform import LongSynthesis, MakeConversation, synthesize_chunks
 from higgs_runpod.synthesis.progressive import ProgressiveEncoder
 from higgs_runpod.synthesis.streaming import PieceDecoder, decode_as_streamed
+from higgs_runpod.timing import ms_since
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Worker:
 
         speakers = {tag: attach(v) for tag, v in plan.speakers.items()} if plan.speakers else None
         coded = self._plan(request, plan.chunks, attach(plan.voice), speakers)
-        codes = _Codes(counts, _ms_since(started))
+        codes = _Codes(counts, ms_since(started))
         if request.save_voice is None:
             return coded, codes
         limit = self.settings.max_ref_audio_seconds
@@ -223,7 +223,7 @@ class Worker:
                 )
             return await self._in_time(self._respond(job, request))
         except Exception as error:
-            return {"error": _message(error, job)}
+            return job_error(error, job)
 
     async def handle_stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Run one job as a stream of outputs; errors end it with `{"error": ...}`."""
@@ -233,13 +233,13 @@ class Worker:
                 return
             request = parse_request(job.get("input"), self.settings)
             if request.stream:
-                pieces = self.stream(request, progress=_progress_reporter(job))
+                pieces = self.stream(request, progress=_progress_reporter(job, self.settings))
                 async for item in within(self.settings.request_timeout_s, pieces):
                     yield item
             else:
                 yield await self._in_time(self._respond(job, request))
         except Exception as error:
-            yield {"error": _message(error, job)}
+            yield job_error(error, job)
 
     async def _in_time(self, work: Awaitable[T]) -> T:
         """`work` within REQUEST_TIMEOUT_S; past it, it is cancelled (generation stops at
@@ -259,7 +259,7 @@ class Worker:
         # RunPod passes s3Config at the top level of the job, beside input.
         # A caller's endpointUrl is looked up and judged (outbound.py): a thread, not the loop.
         delivery = await asyncio.to_thread(self.storage.plan, request.output, job.get("s3Config"))
-        speech = await self.speak(request, progress=_progress_reporter(job))
+        speech = await self.speak(request, progress=_progress_reporter(job, self.settings))
         delivered = await self.storage.deliver(delivery, speech.audio, speech.format, job.get("id"))
         return {**delivered, **speech.metadata()}
 
@@ -279,7 +279,7 @@ class Worker:
         synthesis = await self.generate(plan, counter.frames, counter.chunk, cancel)
         decode_start = time.perf_counter()
         samples = await self.on_engine_thread(self._decode, synthesis.codes)
-        decode_ms = _ms_since(decode_start)
+        decode_ms = ms_since(decode_start)
         extra: dict[str, Any] = {"voice_codes": codes.counts}
         if request.save_voice is not None:
             extra["saved_voice"] = await asyncio.to_thread(
@@ -303,8 +303,8 @@ class Worker:
                 "voice_encode": codes.voice_encode_ms,
                 "generate": synthesis.generate_ms,
                 "decode": decode_ms,
-                "encode": _ms_since(encode_start),
-                "total": _ms_since(started),
+                "encode": ms_since(encode_start),
+                "total": ms_since(started),
             },
         )
 
@@ -375,7 +375,7 @@ class Worker:
         timings = {"load": load_ms, "prepare": resolve_ms + codes.encode_ms + synthesis.prepare_ms,
                    "voice_encode": codes.voice_encode_ms,
                    "generate": synthesis.generate_ms, "first_audio": pieces.first_audio_ms or 0.0,
-                   "total": _ms_since(started)}  # fmt: skip
+                   "total": ms_since(started)}  # fmt: skip
         duration_s = encoder.samples_out / request.sample_rate
         yield {"done": True, "pieces": pieces.index,
                **_summary(synthesis, request.format, request.sample_rate, duration_s, timings,
@@ -413,7 +413,7 @@ class Worker:
         for the model, where the codes came from)."""
         started = time.perf_counter()
         plan = await self.plan(request)
-        resolve_ms = _ms_since(started)
+        resolve_ms = ms_since(started)
         load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
         plan, codes = await asyncio.to_thread(self._with_all_codes, plan, request)
         await asyncio.to_thread(self._check_prompt, plan)
@@ -593,9 +593,9 @@ async def within(timeout_s: float, items: AsyncGenerator[T, None]) -> AsyncItera
         await items.aclose()
 
 
-def _progress_reporter(job: dict[str, Any]) -> Progress | None:
+def _progress_reporter(job: dict[str, Any], settings: Settings) -> Progress | None:
     """Progress goes to RunPod's /status while a job runs; off RunPod there is nowhere to send."""
-    if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
+    if not settings.runpod_webhook_post_output:
         return None
     from runpod.serverless import progress_update  # imported late: see cli._start_runpod
 
@@ -657,32 +657,33 @@ class _Pieces:
         if not data:
             return None
         if self.first_audio_ms is None:
-            self.first_audio_ms = _ms_since(started)
+            self.first_audio_ms = ms_since(started)
         piece = {"index": self.index, "audio_base64": _b64(data), "format": self.request.format,
                  "sample_rate": self.request.sample_rate, "frames": self.frames}  # fmt: skip
         self.index, self.frames = self.index + 1, 0
         return piece
 
 
-def _message(error: Exception, job: dict[str, Any]) -> str:
-    """The one place an exception becomes what the caller reads."""
+def job_error(error: BaseException, job: dict[str, Any]) -> dict[str, str]:
+    """RunPod's failed-job shape for `error`: the one place an exception becomes what a
+    queue caller reads. Ours are shown as they are (errors.py); a bug is logged whole."""
     job_id = str(job.get("id", "local"))
-    if isinstance(error, RequestError):
-        log.info("job %s rejected: %s", job_id, error)
-        return str(error)
-    if isinstance(error, HiggsRunpodError):
-        log.error("job %s failed: %s", job_id, error)
-        return str(error)
-    log.error("job %s failed with an internal error", job_id, exc_info=error)
-    return f"internal error while generating speech (job {job_id}); the worker log has the details"
+    known = known_error(error)
+    if known is None:
+        log.error("job %s failed with an internal error", job_id, exc_info=error)
+        return {
+            "error": f"internal error while generating speech (job {job_id}); "
+            "the worker log has the details"
+        }
+    if isinstance(known, RequestError):
+        log.info("job %s rejected: %s", job_id, known)
+    else:
+        log.error("job %s failed: %s", job_id, known)
+    return {"error": str(known)}
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def _ms_since(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
 
 
 def _encode(samples: Any, source_rate: int, request: SpeechRequest) -> tuple[bytes, float]:

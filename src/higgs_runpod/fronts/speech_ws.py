@@ -10,8 +10,9 @@
 The three run as tasks: segment k+1 generates while segment k's last pieces are decoded
 and sent, and reading never waits on either. The first failure ends the session: it
 cancels generation at the next step (the engine's cancel event), sends
-`{"type": "error", "message"}` and closes the socket (1008 for the caller's fault, 1011
-for ours, 1013 when busy). A client that disconnects cancels the same way.
+`{"type": "error", "message"}` and closes the socket (`close_reason`: 1008 for the caller's
+fault, 1011 for ours, 1013 when busy or out of memory). A client that disconnects
+(`ClientGone`) cancels the same way.
 
 Every input is bounded: the config is a speech request (schema.py's limits) read within
 WS_IDLE_TIMEOUT_S, messages are at most HTTP_MAX_BODY_BYTES (uvicorn) and
@@ -33,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from higgs_runpod.errors import OutOfMemoryError, RequestError
-from higgs_runpod.fronts.http_guard import ApiError, key_refusal
+from higgs_runpod.errors import ClientGone, SessionError, known_error
+from higgs_runpod.fronts.http_guard import key_refusal
 from higgs_runpod.request.chunking import Chunk, segment_end
 from higgs_runpod.request.openai_schema import parse_openai_speech
 from higgs_runpod.synthesis.progressive import ProgressiveEncoder
@@ -53,16 +54,20 @@ _PLACEHOLDER = "."  # stands for the text while the config alone is checked
 _INTERNAL_MESSAGE = "internal error while generating speech; the worker log has the details"
 
 
-class SessionError(Exception):
-    """Ends a session with `message` to the client and close `code`."""
-
-    def __init__(self, message: str, code: int = POLICY) -> None:
-        super().__init__(message)
-        self.message, self.code = message, code
-
-
-class _Disconnected(Exception):
-    """The client went away."""
+def close_reason(error: BaseException) -> tuple[str, int]:
+    """The error message a session ends with, and its close code: 1008 for the caller's
+    fault, 1013 for try again later (busy, out of memory), 1011 for ours (logged whole)."""
+    known = known_error(error)
+    if known is None:
+        log.error("WebSocket speech session failed", exc_info=error)
+        return _INTERNAL_MESSAGE, INTERNAL
+    if known.http_status in (429, 503):
+        code = BUSY
+    else:
+        code = POLICY if known.http_status < 500 else INTERNAL
+    if code == INTERNAL:
+        log.error("WebSocket speech session failed: %s", known)
+    return (str(known) if known.public else _INTERNAL_MESSAGE), code
 
 
 @dataclass(frozen=True)
@@ -125,27 +130,17 @@ class Session:
         try:
             if refusal is not None:
                 raise SessionError(refusal)
-            try:
-                self.service.admit()
-            except ApiError as busy:
-                raise SessionError(busy.message, BUSY) from None
+            self.service.admit()
             try:
                 await self._stream(await self._configure())
             finally:
                 self.service.release()
-        except _Disconnected:
+        except ClientGone:
             if self.unsent:
                 self.service.metrics.cancelled.inc()
                 log.info("WebSocket client disconnected; generation stopped")
-        except SessionError as error:
-            await self._fail(error.message, error.code)
-        except RequestError as error:
-            await self._fail(str(error), POLICY)
-        except OutOfMemoryError as error:
-            await self._fail(str(error), INTERNAL)
-        except Exception:  # ours: log it whole, tell the client little
-            log.exception("WebSocket speech session failed")
-            await self._fail(_INTERNAL_MESSAGE, INTERNAL)
+        except Exception as error:
+            await self._fail(*close_reason(error))
 
     async def _configure(self) -> Plan:
         """The first message: a speech request without its text, checked as one."""
@@ -257,7 +252,7 @@ class Session:
                     continue  # the client waits for audio; that is not idle
                 raise SessionError(f"no message for {idle:g} s (WS_IDLE_TIMEOUT_S)") from None
         if message["type"] == "websocket.disconnect":
-            raise _Disconnected
+            raise ClientGone
         if message.get("text") is None:
             raise SessionError("messages must be text (JSON), not binary")
         try:
@@ -348,7 +343,7 @@ class Session:
         try:
             await sending
         except (WebSocketDisconnect, RuntimeError, OSError):
-            raise _Disconnected from None
+            raise ClientGone from None
 
     def _done(self) -> dict[str, Any]:
         usage = self.usage

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from higgs_runpod import outbound
-from higgs_runpod.errors import RequestError
+from higgs_runpod.errors import RequestError, VoiceNotFoundError
 from higgs_runpod.library.store import (
     LibraryVoice,
     NewVoice,
     Source,
-    VoiceNotFoundError,
     VoiceStore,
     check_name,
     exists_error,

@@ -35,7 +35,12 @@ from typing import Any, Literal
 import av
 import torch
 
-from higgs_runpod.errors import RequestError
+from higgs_runpod.errors import (
+    RequestError,
+    VoiceExistsError,
+    VoiceLimitError,
+    VoiceNotFoundError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +52,6 @@ MAX_TEXT_FIELD_CHARS = 500  # description, consent
 STALE_STAGING_S = 3600.0  # a staging directory this old belongs to a writer that died
 
 Source = Literal["upload", "take", "file"]
-
-
-class VoiceExistsError(RequestError):
-    """The name is taken and the caller did not ask to overwrite it (HTTP 409)."""
-
-
-class VoiceNotFoundError(RequestError):
-    """No library voice has that name (HTTP 404)."""
-
-
-class VoiceLimitError(RequestError):
-    """The library holds MAX_VOICES voices already (HTTP 409)."""
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,12 @@ import numpy as np
 import torch
 import torchaudio.functional
 
+from higgs_runpod.errors import AudioDecodeError
 from higgs_runpod.synthesis.progressive import CONTENT_TYPES, encode, to_pcm16
 
 __all__ = [
     "CONTENT_TYPES", "AudioDecodeError", "DecodedAudio", "decode", "encode", "resample", "to_pcm16",
 ]  # fmt: skip
-
-
-class AudioDecodeError(ValueError):
-    """The bytes are not audio that FFmpeg can decode."""
 
 
 # FFmpeg's demuxers for audio files (`mov` is MP4/M4A). Anything else is refused before its

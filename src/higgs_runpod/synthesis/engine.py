@@ -53,6 +53,7 @@ from higgs_runpod.synthesis.scheduler import Decoded, DecodeLoop, Request
 from higgs_runpod.synthesis.slots import DecodeState, GraphedSteps, SlotCache, decode_step
 from higgs_runpod.synthesis.streaming import DelayAligner, receptive_field_frames
 from higgs_runpod.synthesis.voice_cache import CodesShape, VoiceCache, tokenizer_identity
+from higgs_runpod.timing import ms_since as _ms_since
 from higgs_runpod.weights.model_store import ensure_checkpoints
 
 __all__ = ["Engine", "FrameCallback", "SamplingParams", "Synthesis", "resolve_device"]
@@ -88,10 +89,6 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if dtype == "auto":
         return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
     return resolved, getattr(torch, dtype)
-
-
-def _ms_since(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
 
 
 class Engine:

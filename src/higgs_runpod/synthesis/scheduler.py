@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from higgs_runpod.errors import OutOfMemoryError
+from higgs_runpod.errors import OUT_OF_MEMORY, OutOfMemoryError
 from higgs_runpod.synthesis.sampler import SamplingParams
 from higgs_runpod.synthesis.streaming import DelayAligner
 
@@ -210,7 +210,7 @@ class DecodeLoop:
             first = self.backend.prefill(request, slot).cpu()
         except torch.OutOfMemoryError:
             self.backend.release_memory()
-            self._fail(request, OutOfMemoryError(_OUT_OF_MEMORY))
+            self._fail(request, OutOfMemoryError(OUT_OF_MEMORY))
             return
         except Exception as error:
             self._fail(request, error)
@@ -312,10 +312,6 @@ def _decoded(request: Request) -> Decoded:
                    generate_ms)  # fmt: skip
 
 
-_OUT_OF_MEMORY = (
-    "the GPU ran out of memory for this request; try a shorter text, a shorter reference "
-    "clip or a smaller max_new_tokens"
-)
 _OUT_OF_MEMORY_DECODE = (
     "the GPU ran out of memory while this request was decoding with others, and it was the "
     "newest, so it was stopped; try again or lower MAX_BATCH_SIZE"

@@ -20,15 +20,11 @@ from typing import Any, TextIO
 
 import httpx
 
-from higgs_runpod.errors import HiggsRunpodError
+from higgs_runpod.errors import DeployError
 
 SECRET_NAME_PARTS = {"KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIALS"}
 SECRET_REFERENCE = re.compile(r"^\{\{\s*RUNPOD_SECRET_[A-Za-z0-9_.-]+\s*\}\}$")
 PLACEHOLDER_OWNER = "OWNER"
-
-
-class DeployError(HiggsRunpodError):
-    """The config is wrong or RunPod refused a request; the message says which and why."""
 
 
 # -- the config file -------------------------------------------------------------------
