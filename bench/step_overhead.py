@@ -50,7 +50,7 @@ def bare_forward_ms(engine: Engine, inputs: dict, steps: int) -> float:
 
 def engine_ms(engine: Engine, steps: int) -> float:
     params = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=steps + 1)
-    result = engine.synthesize(build_conversation("Hello there."), params, decode=False)
+    result = engine.synthesize(build_conversation("Hello there."), params)
     return result.generate_ms / result.generated_tokens
 
 

@@ -14,7 +14,8 @@ from higgs_runpod.errors import OutOfMemoryError, RequestError
 from higgs_runpod.request.prompts import build_conversation
 from higgs_runpod.request.voices import ReferenceClip
 from higgs_runpod.settings import load_settings
-from higgs_runpod.synthesis.engine import Engine, SamplingParams, resolve_device
+from higgs_runpod.synthesis.engine import Engine, SamplingParams
+from higgs_runpod.synthesis.loading import resolve_device
 
 # RAS resamples repeated codes at random even when greedy, so greedy runs switch it off.
 GREEDY = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=30)
@@ -48,7 +49,7 @@ def test_frames_and_samples_agree(engine: Engine) -> None:
     assert result.generated_tokens == 30
     assert result.frames == 30 - 1 - (codebooks - 1)
     assert result.codes.shape == (result.frames, codebooks)
-    assert len(result.samples) == result.frames * 960
+    assert len(engine.decode_codes(result.codes)) == result.frames * 960
     assert result.prompt_tokens > 10
 
 
@@ -86,7 +87,8 @@ def test_ras_can_be_switched_off(engine: Engine) -> None:
 
 def test_one_step_yields_no_frame(engine: Engine) -> None:
     result = engine.synthesize(build_conversation("Hi"), SamplingParams(max_new_tokens=1))
-    assert (result.generated_tokens, result.frames, len(result.samples)) == (1, 0, 0)
+    samples = engine.decode_codes(result.codes)
+    assert (result.generated_tokens, result.frames, len(samples)) == (1, 0, 0)
 
 
 def test_a_prompt_longer_than_a_slot_is_refused(base_env: dict[str, str]) -> None:
@@ -191,7 +193,7 @@ def test_a_seeded_request_draws_the_same_codes_alone_and_among_seven_others(
 ) -> None:
     target = SamplingParams(**{**SAMPLED.__dict__, "seed": 4242})
     text = build_conversation("The same words, sampled.")
-    alone = engine.synthesize(text, target, decode=False)
+    alone = engine.synthesize(text, target)
     runs = Staggered(engine)
     for index, at in enumerate([0, 2, 4, 7, 11, 16, 22]):  # the target joins at 9
         params = SamplingParams(**{**SAMPLED.__dict__, "seed": index,
@@ -199,8 +201,8 @@ def test_a_seeded_request_draws_the_same_codes_alone_and_among_seven_others(
                                    "max_new_tokens": 30 + 7 * index})  # fmt: skip
         conversation = build_conversation(f"Another request, number {index}.")
         runs.start(f"other {index}", at, lambda c=conversation, p=params: engine.synthesize(
-            c, p, on_frames=runs.count, decode=False))  # fmt: skip
-    runs.start("target", 9, lambda: engine.synthesize(text, target, decode=False))
+            c, p, on_frames=runs.count))  # fmt: skip
+    runs.start("target", 9, lambda: engine.synthesize(text, target))
     results = runs.join()
     assert len(results) == 8 and not [r for r in results.values() if isinstance(r, Exception)]
     assert torch.equal(results["target"].codes, alone.codes)  # type: ignore[attr-defined]
@@ -220,8 +222,7 @@ def test_two_hundred_short_jobs_with_cancellations_free_every_slot_and_keep_memo
         frames = (lambda f: cancel.set()) if index % 6 == 3 else None  # cancelled running
         params = SamplingParams(seed=index, max_new_tokens=12 + index % 9)
         steps[index] = engine.synthesize(build_conversation(f"Job {index}"), params,
-                                         cancel=cancel, on_frames=frames,
-                                         decode=False).generated_tokens  # fmt: skip
+                                         cancel=cancel, on_frames=frames).generated_tokens  # fmt: skip
 
     def batch(indices: range) -> None:
         threads = [threading.Thread(target=lambda i=i: [job(j) for j in range(i, indices.stop, 8)])
@@ -244,7 +245,7 @@ def test_two_hundred_short_jobs_with_cancellations_free_every_slot_and_keep_memo
     # Every slot is usable again: 8 at once all finish.
     results: list[int] = []
     runs = [threading.Thread(target=lambda i=i: results.append(engine.synthesize(
-        build_conversation("Again"), GREEDY, decode=False).generated_tokens)) for i in range(8)]  # fmt: skip
+        build_conversation("Again"), GREEDY).generated_tokens)) for i in range(8)]  # fmt: skip
     for thread in runs:
         thread.start()
     for thread in runs:
@@ -259,7 +260,7 @@ def test_a_failing_prefill_fails_alone(engine: Engine, monkeypatch: pytest.Monke
     those it has alone."""
     long = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=60)
     text = build_conversation("A long one that keeps going.")
-    alone = engine.synthesize(text, long, decode=False)
+    alone = engine.synthesize(text, long)
     forward = engine.model.forward
 
     def out_of_memory(*args: object, **kwargs: object) -> None:
@@ -271,15 +272,13 @@ def test_a_failing_prefill_fails_alone(engine: Engine, monkeypatch: pytest.Monke
             monkeypatch.setattr(engine.model, "forward", out_of_memory)
 
     runs = Staggered(engine)
-    runs.start("long", 0, lambda: engine.synthesize(text, long, on_frames=after_prefill,
-                                                     decode=False))  # fmt: skip
+    runs.start("long", 0, lambda: engine.synthesize(text, long, on_frames=after_prefill))
     runs.start("out of memory", 3, lambda: engine.synthesize(build_conversation("Hi"), GREEDY))
     results = runs.join()
     monkeypatch.setattr(engine.model, "forward", forward)
     silent = ReferenceClip(np.zeros(0, dtype=np.float32), "Nothing at all.")
     runs = Staggered(engine)
-    runs.start("long", 0, lambda: engine.synthesize(text, long, on_frames=runs.count,
-                                                     decode=False))  # fmt: skip
+    runs.start("long", 0, lambda: engine.synthesize(text, long, on_frames=runs.count))
     runs.start("bad clip", 3, lambda: engine.synthesize(
         build_conversation("Hi", voice=silent), GREEDY))  # fmt: skip
     results_clip = runs.join()
@@ -297,7 +296,7 @@ def test_out_of_memory_in_a_decode_step_evicts_the_newest(
     error, the other two carry on with the codes they have alone."""
     long = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=50)
     texts = {name: build_conversation(f"Request {name}.") for name in ("first", "second", "third")}
-    alone = {name: engine.synthesize(text, long, decode=False) for name, text in texts.items()}
+    alone = {name: engine.synthesize(text, long) for name, text in texts.items()}
     step = engine.step
     armed = threading.Event()
 
@@ -317,7 +316,7 @@ def test_out_of_memory_in_a_decode_step_evicts_the_newest(
 
     for name, at in zip(texts, [0, 3, 8], strict=True):
         runs.start(name, at, lambda t=texts[name]: engine.synthesize(
-            t, long, on_frames=counted, decode=False))  # fmt: skip
+            t, long, on_frames=counted))  # fmt: skip
     results = runs.join()
     assert isinstance(results["third"], OutOfMemoryError)
     assert "newest" in str(results["third"])

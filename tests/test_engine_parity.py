@@ -67,7 +67,7 @@ def any_engine(request: pytest.FixtureRequest) -> Engine:
 
 
 def prompts(engine: Engine) -> dict[str, list[dict]]:
-    earlier = engine.synthesize(build_conversation("Before this."), GREEDY, decode=False).codes
+    earlier = engine.synthesize(build_conversation("Before this."), GREEDY).codes
     return {
         "smart voice": build_conversation("Hello, world! How are you today?"),
         "clone": build_conversation("The quick brown fox.", voice=clip(1.2, 330.0)),
@@ -108,7 +108,7 @@ def assert_same(result: Synthesis, reference: tuple[torch.Tensor, int]) -> None:
 
 def test_alone_equals_generate(any_engine: Engine) -> None:
     for name, conversation in prompts(any_engine).items():
-        result = any_engine.synthesize(conversation, GREEDY, decode=False)
+        result = any_engine.synthesize(conversation, GREEDY)
         assert result.frames > 0, name
         assert_same(result, generate_codes(any_engine, conversation, STEPS))
 
@@ -132,14 +132,15 @@ def test_rows_that_joined_at_other_steps_equal_generate(any_engine: Engine) -> N
 
     def run(name: str) -> None:
         ready[name].wait(timeout=60)
-        results[name] = any_engine.synthesize(conversations[name], GREEDY, decode=False)
+        results[name] = any_engine.synthesize(conversations[name], GREEDY)
 
     threads = [threading.Thread(target=run, args=(name,)) for name in conversations]
     for thread in threads:
         thread.start()
     long = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=120)
-    background = any_engine.synthesize(build_conversation("A long one."), long, on_frames=long_frames,
-                                       decode=False)  # fmt: skip
+    background = any_engine.synthesize(
+        build_conversation("A long one."), long, on_frames=long_frames
+    )
     for thread in threads:
         thread.join(timeout=120)
     assert background.generated_tokens == 120

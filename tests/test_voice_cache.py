@@ -69,11 +69,11 @@ def test_cached_clone_survives_a_restart_through_synthesize(
     clip = ReferenceClip(_clip(), "Hello there.")
     conversation = build_conversation("Good morning.", voice=clip)
     params = SamplingParams(temperature=0.0, max_new_tokens=6, ras_win_len=0)
-    before = _engine(base_env, tmp_path).synthesize(conversation, params, decode=False)
+    before = _engine(base_env, tmp_path).synthesize(conversation, params)
 
     restarted = _engine(base_env, tmp_path)  # a new process would start just like this
     spy = EncodeSpy(restarted, monkeypatch)
-    after = restarted.synthesize(conversation, params, decode=False)
+    after = restarted.synthesize(conversation, params)
     assert spy.calls == 0
     assert restarted.voice_cache is not None and restarted.voice_cache.disk_hits == 1
     assert torch.equal(before.codes, after.codes)

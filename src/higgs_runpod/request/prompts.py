@@ -1,4 +1,5 @@
-"""Prompt building: normalised text and resolved voices in, a chat conversation out.
+"""Prompt building: normalised text and resolved voices in, a chat conversation out, and
+the conversation rendered into the model's inputs (`render_prompt`).
 
 The conversation uses the roles documented for Higgs Audio v2 in transformers (system,
 scene, user, assistant) and is rendered later by the checkpoint's own chat template, so
@@ -13,13 +14,17 @@ the real checkpoint and a tiny one go through the same path:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from higgs_runpod.request.schema import SPEAKER_TAG
 from higgs_runpod.request.voices import ReferenceClip, ResolvedVoice, VoiceDescription
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature, HiggsAudioV2Processor
 
 SINGLE_SPEAKER_SYSTEM = "Generate audio following instruction."
 MULTI_SPEAKER_SYSTEM = (
@@ -132,3 +137,46 @@ def build_conversation(
         *context_turns,
         {"role": "user", "content": [_text(text)]},
     ]
+
+
+def render_prompt(
+    processor: HiggsAudioV2Processor,
+    conversation: list[dict[str, Any]],
+    clip_codes: Callable[[np.ndarray], torch.Tensor],
+    device: torch.device,
+) -> BatchFeature:
+    """Render the chat template and put each clip's delayed codes where its placeholder is.
+
+    The same steps as the processor's own `__call__`, except that clips given as codes
+    are used as they are instead of being decoded and encoded again; clips given as
+    samples are encoded by `clip_codes` (the engine's, through the voice cache).
+    """
+    text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    clips = [item for m in conversation for item in m["content"] if item["type"] == "audio"]
+    pieces = text.split(processor.audio_token)
+    if len(pieces) != len(clips) + 1:
+        raise ValueError("the chat template placed a different number of clips")
+    delayed = [
+        _delayed(processor, clip["codes"] if "codes" in clip else clip_codes(clip["audio"]), device)
+        for clip in clips
+    ]
+    text = pieces[0] + "".join(
+        processor.get_audio_tokens(len(steps)) + piece
+        for steps, piece in zip(delayed, pieces[1:], strict=True)
+    )
+    inputs = processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    if delayed:
+        audio_input_ids = torch.cat(delayed).unsqueeze(0)
+        inputs["audio_input_ids"] = audio_input_ids
+        inputs["audio_input_ids_mask"] = torch.ones(audio_input_ids.shape[:2], dtype=torch.bool)
+    return inputs.to(device)
+
+
+def _delayed(
+    processor: HiggsAudioV2Processor, codes: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Codes (frames x codebooks) -> stream BOS + codes + EOS in the delay pattern."""
+    codes = codes.T.unsqueeze(0).to(device)
+    bos = codes.new_full((1, codes.shape[1], 1), processor.audio_stream_bos_id)
+    eos = codes.new_full((1, codes.shape[1], 1), processor.audio_stream_eos_id)
+    return processor.build_delay_pattern(torch.cat([bos, codes, eos], dim=2))[0].T

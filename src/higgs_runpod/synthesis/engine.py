@@ -1,8 +1,8 @@
-"""The model behind a small interface: load once, then conversation in, codes and waveform out.
+"""The model behind a small interface: load once, then conversation in, codes out; codes to
+waveform on request.
 
-Built on transformers' native Higgs Audio v2 classes. The processor is assembled from its
-parts (text tokenizer and chat template from MODEL_PATH, the audio tokenizer from
-TOKENIZER_PATH) so that nothing is looked up on the hub at run time.
+Built on transformers' native Higgs Audio v2 classes, loaded by `loading`; the prompt is
+rendered by `prompts.render_prompt`.
 
     conversation --chat template--> text + reference codes --prefill (model forward)-->
     KV-cache slot --decode steps, batched with every other request (scheduler, slots)-->
@@ -30,9 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from transformers import (
-    AutoTokenizer,
     BatchFeature,
-    DacFeatureExtractor,
     DynamicCache,
     HiggsAudioV2ForConditionalGeneration,
     HiggsAudioV2Processor,
@@ -40,7 +38,9 @@ from transformers import (
 )
 
 from higgs_runpod.errors import ModelNotFoundError, RequestError
+from higgs_runpod.request.prompts import render_prompt
 from higgs_runpod.settings import Settings
+from higgs_runpod.synthesis.loading import load_checkpoints, resolve_device
 from higgs_runpod.synthesis.sampler import (
     ALL_FEATURES,
     AudioVocab,
@@ -52,11 +52,10 @@ from higgs_runpod.synthesis.sampler import (
 from higgs_runpod.synthesis.scheduler import Decoded, DecodeLoop, Request
 from higgs_runpod.synthesis.slots import DecodeState, GraphedSteps, SlotCache, decode_step
 from higgs_runpod.synthesis.streaming import DelayAligner, receptive_field_frames
-from higgs_runpod.synthesis.voice_cache import CodesShape, VoiceCache, tokenizer_identity
+from higgs_runpod.synthesis.voice_cache import VoiceCache
 from higgs_runpod.timing import ms_since as _ms_since
-from higgs_runpod.weights.model_store import ensure_checkpoints
 
-__all__ = ["Engine", "FrameCallback", "SamplingParams", "Synthesis", "resolve_device"]
+__all__ = ["Engine", "FrameCallback", "SamplingParams", "Synthesis"]
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +65,18 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Synthesis:
-    samples: np.ndarray  # float32 mono at sample_rate (empty when not decoded)
-    sample_rate: int
+    """What one conversation generated: its codes (`Engine.decode_codes` makes them audio)."""
+
     codes: torch.Tensor  # (frames, codebooks), on the CPU
     prompt_tokens: int
     generated_tokens: int
     seed: int
     prepare_ms: float
     generate_ms: float
-    decode_ms: float
 
     @property
     def frames(self) -> int:
         return int(self.codes.shape[0])
-
-
-def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """`auto` means CUDA in bfloat16 when a GPU is visible, else CPU in float32."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
-    if dtype == "auto":
-        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
-    return resolved, getattr(torch, dtype)
 
 
 class Engine:
@@ -146,51 +134,13 @@ class Engine:
         return time.perf_counter() - start
 
     def _load(self) -> None:
-        paths, readies = ensure_checkpoints(self.settings)
-        for ready in readies:  # the start-up already reported these at INFO
-            log.debug("%s", ready.describe())
-        log.info("loading %s on %s (%s)", paths.model_path, self.device, self.dtype)
-        if self.device.type == "cuda":  # TF32 for the audio tokenizer's float32 convolutions
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-        audio_tokenizer = HiggsAudioV2TokenizerModel.from_pretrained(
-            paths.tokenizer_path, device_map=self.device
-        ).eval()
-        text_tokenizer = AutoTokenizer.from_pretrained(paths.model_path)
-        model = HiggsAudioV2ForConditionalGeneration.from_pretrained(
-            paths.model_path, dtype=self.dtype, device_map=self.device, attn_implementation="sdpa"
-        ).eval()
-        template_file = paths.model_path / "chat_template.jinja"
-        chat_template = (
-            template_file.read_text() if template_file.is_file() else text_tokenizer.chat_template
-        )
-        if not chat_template:
-            raise ModelNotFoundError(f"MODEL_PATH={paths.model_path} has no chat template")
-        tokenizer_config = audio_tokenizer.config
-        self.processor = HiggsAudioV2Processor(
-            feature_extractor=DacFeatureExtractor(
-                sampling_rate=tokenizer_config.sample_rate, hop_length=tokenizer_config.hop_length
-            ),
-            tokenizer=text_tokenizer,
-            audio_tokenizer=audio_tokenizer,
-            chat_template=chat_template,
-            audio_stream_bos_id=model.config.audio_stream_bos_id,
-            audio_stream_eos_id=model.config.audio_stream_eos_id,
-        )
-        self.voice_cache = VoiceCache(
-            tokenizer_identity(paths.tokenizer_path, readies[1].commit),
-            self.settings.voice_cache_items,
-            self.settings.voice_cache_path,
-        )
-        self.voice_cache.bind(  # cached files are checked against what this model accepts
-            CodesShape(model.config.num_codebooks, audio_tokenizer.config.codebook_size),
-            int(self.settings.voice_cache_max_mb * 1_000_000),
-        )
-        self._attach(model)
+        loaded = load_checkpoints(self.settings, self.device, self.dtype)
+        self.processor, self.voice_cache = loaded.processor, loaded.voice_cache
+        self._attach(loaded.model)
         self.decoder_context_frames = receptive_field_frames(
-            self.decode_codes, model.config.num_codebooks
+            self.decode_codes, loaded.model.config.num_codebooks
         )
-        log.info("model loaded: %s parameters", f"{model.num_parameters():,}")
+        log.info("model loaded: %s parameters", f"{loaded.model.num_parameters():,}")
 
     def use_model(self, model: HiggsAudioV2ForConditionalGeneration) -> None:
         """Decode with a model built in memory, without checkpoints or processor: only
@@ -258,7 +208,6 @@ class Engine:
         *,
         cancel: threading.Event | None = None,
         on_frames: FrameCallback | None = None,
-        decode: bool = True,
     ) -> Synthesis:
         """Generate speech for one conversation (see prompts.build_conversation).
 
@@ -272,18 +221,13 @@ class Engine:
                               cancel=cancel, on_frames=on_frames)  # fmt: skip
         empty = torch.zeros((0, self.vocab.num_codebooks), dtype=torch.long)
         codes = torch.cat(decoded.frames) if decoded.frames else empty
-        start = time.perf_counter()
-        samples = self.decode_codes(codes) if decode else np.zeros(0, dtype=np.float32)
         return Synthesis(
-            samples=samples,
-            sample_rate=self.sample_rate,
             codes=codes,
             prompt_tokens=decoded.prompt_tokens,
             generated_tokens=decoded.steps,
             seed=seed,
             prepare_ms=decoded.prepare_ms,
             generate_ms=decoded.generate_ms,
-            decode_ms=_ms_since(start),
         )
 
     def decode(
@@ -348,41 +292,7 @@ class Engine:
         return self.voice_cache.codes(samples, self.encode_clip)
 
     def _prepare(self, conversation: list[dict[str, Any]]) -> BatchFeature:
-        """Render the chat template and put each clip's delayed codes where its placeholder is.
-
-        The same steps as the processor's own `__call__`, except that clips given as codes
-        are used as they are instead of being decoded and encoded again.
-        """
-        processor = self._processor
-        text = processor.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
-        )
-        clips = [item for m in conversation for item in m["content"] if item["type"] == "audio"]
-        pieces = text.split(processor.audio_token)
-        if len(pieces) != len(clips) + 1:
-            raise ValueError("the chat template placed a different number of clips")
-        delayed = [self._delayed(self._clip_codes(clip)) for clip in clips]
-        text = pieces[0] + "".join(
-            processor.get_audio_tokens(len(steps)) + piece
-            for steps, piece in zip(delayed, pieces[1:], strict=True)
-        )
-        inputs = processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        if delayed:
-            audio_input_ids = torch.cat(delayed).unsqueeze(0)
-            inputs["audio_input_ids"] = audio_input_ids
-            inputs["audio_input_ids_mask"] = torch.ones(audio_input_ids.shape[:2], dtype=torch.bool)
-        return inputs.to(self.device)
-
-    def _clip_codes(self, clip: dict[str, Any]) -> torch.Tensor:
-        return clip["codes"] if "codes" in clip else self.clip_codes(clip["audio"])
-
-    def _delayed(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (frames x codebooks) -> stream BOS + codes + EOS in the delay pattern."""
-        processor = self._processor
-        codes = codes.T.unsqueeze(0).to(self.device)
-        bos = codes.new_full((1, codes.shape[1], 1), processor.audio_stream_bos_id)
-        eos = codes.new_full((1, codes.shape[1], 1), processor.audio_stream_eos_id)
-        return processor.build_delay_pattern(torch.cat([bos, codes, eos], dim=2))[0].T
+        return render_prompt(self._processor, conversation, self.clip_codes, self.device)
 
     # What the decode loop calls (scheduler.Backend), always on its thread.
 

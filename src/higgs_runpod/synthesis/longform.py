@@ -86,7 +86,6 @@ def synthesize_chunks(
             params,
             cancel=cancel,
             on_frames=on_frames,
-            decode=False,
         )
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled(
