@@ -1,7 +1,12 @@
-"""Worker settings, read from environment variables (one class, built in a function).
+"""Settings, read from environment variables (one class per side, built in a function).
 
-Nothing reads the environment at import time: `load_settings()` builds a `Settings`
-from `os.environ` (or from a mapping, in tests) and the worker passes it around.
+Nothing reads the environment at import time: `load_settings()` builds the worker's
+`Settings` (its HTTP part in `http_settings`) and `load_client_settings()` the
+`ClientSettings` of the commands that call a worker or RunPod's API (speak, voices,
+deploy), from `os.environ` or from a mapping (tests). These are the only environment
+reads of the package besides `container/`, which runs before pydantic is installed and
+reads its few variables itself; the defaults both sides need (the volume's mount point,
+the ready file) are the container's constants, used here.
 """
 
 from __future__ import annotations
@@ -10,54 +15,46 @@ import os
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-VOLUME = Path("/runpod-volume")
+from higgs_runpod.container.bootstrap import DEFAULT_VOLUME_PATH
+from higgs_runpod.container.health import DEFAULT_READY_FILE
+from higgs_runpod.http_settings import HttpSettings, blank_is_unset
+
+AnySettings = TypeVar("AnySettings", bound=BaseSettings)
 
 
-def _default_voices_path() -> Path:
-    return VOLUME / "voices" if VOLUME.is_dir() else Path("voices")
+def _default_voices_path(data: dict[str, Any]) -> Path:
+    volume: Path = data["volume_path"]
+    return volume / "voices" if volume.is_dir() else Path("voices")
 
 
-def _default_voice_cache_path() -> Path | None:
-    return VOLUME / "voice-cache" if VOLUME.is_dir() else None
+def _default_voice_cache_path(data: dict[str, Any]) -> Path | None:
+    volume: Path = data["volume_path"]
+    return volume / "voice-cache" if volume.is_dir() else None
 
 
-def default_checkpoint_root() -> Path:
+def _checkpoint_root(volume: Path) -> Path:
     """Where checkpoints go by default: the network volume when mounted, else the user's cache."""
-    if VOLUME.is_dir():
-        return VOLUME
+    if volume.is_dir():
+        return volume
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "higgs-runpod"
 
 
-# OpenAI's built-in voice names -> upstream Higgs Audio preset names (examples/voice_prompts),
-# by the gender of OpenAI's voice. Used only when the library holds that preset; otherwise
-# the model picks the voice (smart voice).
-DEFAULT_OPENAI_VOICE_MAP = {
-    "alloy": "en_woman",
-    "ash": "en_man",
-    "ballad": "chadwick",
-    "coral": "belinda",
-    "echo": "en_man",
-    "fable": "chadwick",
-    "nova": "en_woman",
-    "onyx": "chadwick",
-    "sage": "mabel",
-    "shimmer": "belinda",
-    "verse": "en_man",
-    "marin": "mabel",
-    "cedar": "en_man",
-}
-
-
-class Settings(BaseSettings):
+class Settings(HttpSettings):
     """Every knob of the worker; the README's configuration table mirrors this class."""
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    volume_path: Path = Field(
+        default=Path(DEFAULT_VOLUME_PATH),
+        description="Where the network volume is mounted; the defaults of the paths below "
+        "are on it when it exists.",
+    )
 
     # None only until validation ends: `_default_checkpoint_paths` derives them from the repos.
     model_path: Path | None = Field(
@@ -200,7 +197,7 @@ class Settings(BaseSettings):
         default=None, description="Hub (or mirror) URL; default https://huggingface.co."
     )
     hf_cached_models_path: Path = Field(
-        default=VOLUME / "huggingface-cache" / "hub",
+        default_factory=lambda data: data["volume_path"] / "huggingface-cache" / "hub",
         description="RunPod's cached-models directory (a Hugging Face hub cache); a configured "
         "repo found there is loaded from it instead of being downloaded.",
     )
@@ -216,15 +213,8 @@ class Settings(BaseSettings):
     )
 
     ready_file: Path = Field(
-        default=Path("/tmp/higgs-runpod/ready.json"),
+        default=Path(DEFAULT_READY_FILE),
         description="Written by the worker once its model is loaded; read by the health check.",
-    )
-    runpod_api_key: SecretStr | None = Field(
-        default=None, description="RunPod API key, used only by `higgs-runpod deploy`."
-    )
-    runpod_api_url: str = Field(
-        default="https://api.runpod.io",
-        description="RunPod REST API (v2) base URL, used only by `higgs-runpod deploy`.",
     )
     voice_cache_items: int = Field(
         default=256,
@@ -288,7 +278,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_checkpoint_paths(self) -> Settings:
-        root = default_checkpoint_root()
+        root = _checkpoint_root(self.volume_path)
         if self.model_path is None:
             self.model_path = root / self.model_repo
         if self.tokenizer_path is None:
@@ -299,88 +289,10 @@ class Settings(BaseSettings):
         default="queue",
         description="What `higgs-runpod start` runs: RunPod's job queue or the HTTP server.",
     )
-    http_host: str = Field(default="0.0.0.0", description="Address the HTTP server binds.")
-    port: int = Field(
-        default=8000,
-        ge=1,
-        le=65535,
-        description="HTTP server port (RunPod sets PORT).",
-    )
-    higgs_api_key: SecretStr | None = Field(
-        default=None,
-        description="When set, HTTP routes but /ping and / need this key in X-API-Key (or as "
-        "the Bearer key where HTTP_BEARER_AUTH allows it).",
-    )
-    http_bearer_auth: Literal["auto", "on", "off"] = Field(
-        default="auto",
-        description="Also take HIGGS_API_KEY as `Authorization: Bearer`; auto: only off RunPod "
-        "(RUNPOD_ENDPOINT_ID unset), since RunPod's gateway takes that header for its own key.",
-    )
-    http_allow_no_key: bool = Field(
-        default=False,
-        description="Let the HTTP server listen beyond loopback without HIGGS_API_KEY.",
-    )
-    runpod_endpoint_id: str | None = Field(
-        default=None, description="Set by RunPod on its workers; never set it yourself."
-    )
     runpod_webhook_post_output: str | None = Field(
         default=None,
         description="Set by RunPod on its workers (job progress goes there); never set it.",
     )
-    openai_voice_map: Annotated[dict[str, str], NoDecode] = Field(
-        default_factory=lambda: dict(DEFAULT_OPENAI_VOICE_MAP),
-        description="OpenAI voice name -> library voice, as `alloy=belinda,echo=en_man`.",
-    )
-    http_max_in_flight: int = Field(
-        default=8, ge=1, description="Speech requests admitted at once; more get HTTP 429."
-    )
-    http_max_body_bytes: int = Field(
-        default=20_000_000, ge=1024, description="Largest HTTP request body (HTTP 413 above)."
-    )
-    http_body_timeout_s: float = Field(
-        default=30.0, gt=0, description="Time to receive a whole request body (HTTP 408 after)."
-    )
-    http_header_timeout_s: float = Field(
-        default=10.0,
-        gt=0,
-        description="Time for a request's headers to arrive, from the connection or the end of "
-        "the previous response; the connection is closed after it.",
-    )
-    http_keep_alive_s: float = Field(
-        default=5.0, gt=0, description="How long an idle keep-alive connection stays open."
-    )
-    http_max_connections: int = Field(
-        default=64,
-        ge=1,
-        description="Open connections at once; a request on a connection beyond it gets HTTP 503.",
-    )
-    ws_max_message_chars: int = Field(
-        default=4000,
-        ge=1,
-        description='Longest text in one WebSocket `{"text"}` message (/v1/audio/speech/stream).',
-    )
-    ws_max_buffered_chars: int = Field(
-        default=8000,
-        ge=1,
-        description="Text a WebSocket session may hold waiting to be spoken; more ends it.",
-    )
-    ws_max_session_frames: int = Field(
-        default=45_000,
-        ge=1,
-        description="Audio frames (40 ms each) one WebSocket session may generate in all.",
-    )
-    ws_idle_timeout_s: float = Field(
-        default=60.0,
-        gt=0,
-        description="How long a WebSocket session may wait for its config or its next message "
-        "while it has nothing to generate or send; it is closed after it.",
-    )
-
-    @field_validator("higgs_api_key", mode="before")
-    @classmethod
-    def _blank_key_is_no_key(cls, value: object) -> object:
-        """An empty HIGGS_API_KEY (an unset RunPod secret) means no key, not the key ""."""
-        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("outbound_allowed_networks", mode="before")
     @classmethod
@@ -392,22 +304,55 @@ class Settings(BaseSettings):
             return tuple(ip_network(item) for item in value)
         return value
 
-    @field_validator("openai_voice_map", mode="before")
+
+class ClientSettings(BaseSettings):
+    """What the commands that call a worker or RunPod's API read (`speak`, `voices`,
+    `deploy`); a worker reads none of it. HIGGS_API_KEY is the key a server wants, sent."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    runpod_api_key: SecretStr | None = Field(
+        default=None,
+        description="RunPod API key: `deploy` uses it; `speak` and `voices` send it to "
+        "RunPod's API hosts only (client.key_goes_to).",
+    )
+    runpod_api_url: str = Field(
+        default="https://api.runpod.io",
+        description="RunPod REST API (v2) base URL, used only by `higgs-runpod deploy`.",
+    )
+    higgs_api_key: SecretStr | None = Field(
+        default=None, description="The key `voices --http` sends to an HTTP server."
+    )
+
+    @field_validator("runpod_api_key", "higgs_api_key", mode="before")
     @classmethod
-    def _parse_voice_map(cls, value: object) -> object:
-        """`alloy=belinda,echo=en_man` (an env var) or a mapping; names are case-insensitive."""
-        if isinstance(value, str):
-            pairs = [item.strip() for item in value.split(",") if item.strip()]
-            if any(pair.count("=") != 1 for pair in pairs):
-                raise ValueError("must look like alloy=belinda,echo=en_man")
-            value = dict(pair.split("=") for pair in pairs)
-        if isinstance(value, dict):
-            return {str(k).strip().lower(): str(v).strip() for k, v in value.items()}
-        return value
+    def _blank_key_is_no_key(cls, value: object) -> object:
+        return blank_is_unset(value)
+
+    @property
+    def runpod_key(self) -> str | None:
+        return _plain(self.runpod_api_key)
+
+    @property
+    def higgs_key(self) -> str | None:
+        return _plain(self.higgs_api_key)
+
+
+def _plain(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
+
+
+def _build(cls: type[AnySettings], env: Mapping[str, str] | None) -> AnySettings:
+    env = os.environ if env is None else env
+    fields = {name: env[name.upper()] for name in cls.model_fields if name.upper() in env}
+    return cls.model_validate(fields)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Build settings from `env` (default: the process environment)."""
-    env = os.environ if env is None else env
-    fields = {name: env[name.upper()] for name in Settings.model_fields if name.upper() in env}
-    return Settings.model_validate(fields)
+    """Build the worker's settings from `env` (default: the process environment)."""
+    return _build(Settings, env)
+
+
+def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings:
+    """Build the client commands' settings from `env` (default: the process environment)."""
+    return _build(ClientSettings, env)

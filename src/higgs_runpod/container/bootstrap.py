@@ -58,6 +58,7 @@ from higgs_runpod.container.volume_lock import (
 )
 
 MARKER = ".higgs-runtime-complete.json"
+DEFAULT_VOLUME_PATH = "/runpod-volume"  # RunPod's mount point; settings.Settings uses it too
 WORKER_COMMAND = ("-m", "higgs_runpod.tools.cli", "start")  # queue or HTTP, by WORKER_MODE
 MODES = ("volume", "image")
 LOW_SPACE_BYTES = 10 * 1024**3  # the CUDA runtime alone takes about 5 GB
@@ -94,7 +95,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         requirements = Path(env["RUNTIME_REQUIREMENTS"])
         if not requirements.is_file():
             raise BootstrapError(f"RUNTIME_REQUIREMENTS: {requirements} is not a file")
-    volume = Path(env.get("VOLUME_PATH", "/runpod-volume"))
+    volume = Path(env.get("VOLUME_PATH", DEFAULT_VOLUME_PATH))
     lock_wait_s = _seconds(env, "RUNTIME_LOCK_WAIT_S", "1800")
     lock_stale_s = _seconds(env, "RUNTIME_LOCK_STALE_S", "60")
     return Config(
