@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from higgs_runpod.tools.cli import build_parser, synth_input
+from higgs_runpod.tools.cli import build_parser
+from higgs_runpod.tools.cli_requests import synth_input
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from conftest import LocalServer, b64, make_wav
-from higgs_runpod.tools.client import ClientError, Endpoint, Voices
+from higgs_runpod.tools.client import ClientError, Endpoint
+from higgs_runpod.tools.library_client import Voices
 from test_cli import cli
 from test_http_openai_client import HttpServer
 

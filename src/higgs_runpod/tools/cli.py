@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import json
 import logging
 import os
 import sys
@@ -13,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from higgs_runpod.container.health import mark_ready
-from higgs_runpod.settings import load_settings
+from higgs_runpod.settings import load_client_settings, load_settings
+from higgs_runpod.tools.cli_requests import add_request_arguments, cmd_speak, cmd_synth
+from higgs_runpod.tools.cli_voices import add_voices_command
 
 log = logging.getLogger("higgs_runpod")
-
-FORMATS = ("wav", "flac", "mp3", "opus", "aac", "pcm")
 
 
 def _start_runpod(rp_args: list[str]) -> int:
@@ -109,192 +106,6 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _start_runpod([])
 
 
-def _format_for(path: Path, requested: str | None) -> str:
-    if requested:
-        return requested
-    suffix = path.suffix.lower().lstrip(".")
-    aliases = {"ogg": "opus", "m4a": "aac", "raw": "pcm"}
-    fmt = aliases.get(suffix, suffix)
-    if fmt not in FORMATS:
-        raise SystemExit(f"cannot tell the format from {path.name!r}; pass --format")
-    return fmt
-
-
-def synth_input(args: argparse.Namespace) -> dict:
-    """The job input that `synth` sends through the handler (the same path as a job)."""
-    job_input: dict = {"text": args.text, "format": _format_for(args.output, args.format)}
-    if args.voice_file:
-        clip = base64.b64encode(args.voice_file.read_bytes()).decode("ascii")
-        job_input["voice"] = {"audio_base64": clip, "transcript": args.transcript or ""}
-    elif args.voice:
-        job_input["voice"] = args.voice
-    for name in ("scene", "seed", "temperature", "top_p", "top_k", "max_new_tokens",
-                 "sample_rate"):  # fmt: skip
-        if getattr(args, name) is not None:
-            job_input[name] = getattr(args, name)
-    return job_input
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from higgs_runpod.fronts.runpod import Worker
-
-    worker = Worker(load_settings())
-    result = asyncio.run(worker.handle({"id": "synth", "input": synth_input(args)}))
-    if "error" in result:
-        print(f"error: {result['error']}", file=sys.stderr)  # noqa: T201
-        return 1
-    from higgs_runpod.tools.client import save_audio
-
-    save_audio(result, args.output)  # inline, or from the bucket when S3 is configured
-    print(  # noqa: T201
-        f"wrote {args.output} ({result['duration_s']:.2f} s, {result['format']}, "
-        f"seed {result['seed']}, {result['timings_ms']['total']:.0f} ms)"
-    )
-    return 0
-
-
-def cmd_speak(args: argparse.Namespace) -> int:
-    """Call a deployed endpoint (or a local `serve`) and write the audio to a file."""
-    from higgs_runpod.tools.client import (
-        ClientError,
-        Endpoint,
-        JobFailed,
-        JobUpdate,
-        key_goes_to,
-        save_audio,
-    )
-
-    job_input = synth_input(args)
-    if args.delivery:
-        job_input["output"] = args.delivery
-    if args.stream:
-        job_input["stream"] = True
-    api_key = os.environ.get("RUNPOD_API_KEY")
-    if args.endpoint and not api_key:
-        print("error: set RUNPOD_API_KEY to call a RunPod endpoint", file=sys.stderr)  # noqa: T201
-        return 2
-    if args.url:
-        if api_key and not key_goes_to(args.url):
-            print(  # noqa: T201
-                "note: RUNPOD_API_KEY is not sent to this URL (only to https://api.runpod.ai)",
-                file=sys.stderr,
-            )
-        endpoint = Endpoint(args.url, api_key, max_wait_s=args.max_wait)
-    else:
-        endpoint = Endpoint.from_id(args.endpoint, api_key, max_wait_s=args.max_wait)
-    last: dict[str, object] = {"state": None, "queued": None}
-
-    def show(update: JobUpdate) -> None:
-        """One line per change of status, progress or queue length (not per poll)."""
-        state = (update.status, update.progress)
-        if state == last["state"] and update.queued in (None, last["queued"]):
-            return
-        last["state"] = state
-        if update.queued is not None:
-            last["queued"] = update.queued
-        line = f"job {update.job_id}: {update.status} ({update.elapsed_s:.0f} s)"
-        if update.queued is not None:
-            line += f", {update.queued} job(s) queued on the endpoint"
-        if update.progress is not None:
-            line += f", {update.progress}"
-        print(line, file=sys.stderr)  # noqa: T201
-
-    try:
-        with endpoint:
-            job_id = endpoint.submit(job_input)
-            try:
-                output = endpoint.wait(job_id, on_update=show)
-            except KeyboardInterrupt:
-                done = "was cancelled" if endpoint.cancel(job_id) else "could not be cancelled"
-                print(f"interrupted: job {job_id} {done}", file=sys.stderr)  # noqa: T201
-                return 130
-        size = save_audio(output, args.output)
-    except (JobFailed, ClientError) as error:
-        print(f"error: {error}", file=sys.stderr)  # noqa: T201
-        return 1
-    where = f" from {output['s3_uri']}" if output.get("s3_uri") else ""
-    print(  # noqa: T201
-        f"wrote {args.output} ({size} bytes{where}, {output.get('duration_s', 0):.2f} s, "
-        f"{output.get('format')}, seed {output.get('seed')})"
-    )
-    return 0
-
-
-def cmd_voices(args: argparse.Namespace) -> int:
-    """Manage a voice library: a queue endpoint's (--endpoint), a server's (--url), or the
-    one on VOICES_PATH (neither: for filling a volume before any worker runs)."""
-    from higgs_runpod.errors import RequestError
-    from higgs_runpod.tools.client import ClientError, Endpoint, JobFailed, Voices
-
-    action = args.voices_command or "list"
-    try:
-        if args.endpoint or args.url:
-            if args.endpoint:
-                api_key = os.environ.get("RUNPOD_API_KEY")
-                if not api_key:
-                    print("error: set RUNPOD_API_KEY to call a RunPod endpoint", file=sys.stderr)  # noqa: T201
-                    return 2
-                voices = Voices(endpoint=Endpoint.from_id(args.endpoint, api_key))
-            elif args.http:
-                voices = Voices(http_url=args.url, http_key=os.environ.get("HIGGS_API_KEY"))
-            else:
-                voices = Voices(endpoint=Endpoint(args.url, os.environ.get("RUNPOD_API_KEY")))
-            with voices:
-                return _voices_remote(voices, action, args)
-        return _voices_local(action, args)
-    except (ClientError, JobFailed, RequestError) as error:
-        print(f"error: {error}", file=sys.stderr)  # noqa: T201
-        return 1
-
-
-def _voices_remote(voices: Any, action: str, args: argparse.Namespace) -> int:
-    if action == "list":
-        _print_voices([v for v in voices.list() if v.get("type", "library") == "library"])
-    elif action == "add":
-        fields = {"description": args.description, "consent": args.consent}
-        if args.overwrite:
-            fields["overwrite"] = True
-        made = voices.add(args.name, args.clip.read_bytes(), args.transcript, **fields)
-        print(json.dumps(made))  # noqa: T201
-    elif action == "get":
-        print(json.dumps(voices.get(args.name)))  # noqa: T201
-    else:
-        voices.remove(args.name)
-        print(f"deleted {args.name}")  # noqa: T201
-    return 0
-
-
-def _voices_local(action: str, args: argparse.Namespace) -> int:
-    from higgs_runpod.library.manage import VoiceService
-    from higgs_runpod.request.voices import VoiceResolver
-
-    settings = load_settings()
-    service = VoiceService(settings, VoiceResolver(settings))
-    if action == "list":
-        voices = service.list()["voices"]
-        if not voices:
-            print(f"no voices in {settings.voices_path} (add one: voices add NAME CLIP)")  # noqa: T201
-        _print_voices(voices)
-    elif action == "add":
-        fields = {"name": args.name, "transcript": args.transcript, "overwrite": args.overwrite,
-                  "description": args.description, "consent": args.consent}  # fmt: skip
-        given = {key: value for key, value in fields.items() if value is not None}
-        made = asyncio.run(service.create(given, args.clip.read_bytes()))
-        print(json.dumps(made.public()))  # noqa: T201
-    elif action == "get":
-        print(json.dumps(service.get(args.name).public()))  # noqa: T201
-    else:
-        service.delete(args.name)
-        print(f"deleted {args.name}")  # noqa: T201
-    return 0
-
-
-def _print_voices(voices: list[dict[str, Any]]) -> None:
-    for voice in voices:
-        duration = f"{voice['duration_s']:.1f} s" if voice.get("duration_s") else "?"
-        print(f"{voice['name']}\t{voice['source']}\t{duration}\t{voice['transcript'][:60]}")  # noqa: T201
-
-
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     if args.published_layout:
         from higgs_runpod.weights.tiny_published import make_published_layout_model as make
@@ -327,39 +138,28 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from higgs_runpod.tools.deploy import run
 
-    settings = load_settings()
-    key = settings.runpod_api_key.get_secret_value() if settings.runpod_api_key else None
+    settings = load_client_settings()
     return run(
         args.config,
-        api_key=key,
+        api_key=settings.runpod_key,
         api_url=settings.runpod_api_url,
         dry_run=args.dry_run,
         image=args.image,
     )
 
 
-def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    """The request fields that `synth` and `speak` share (see synth_input)."""
-    parser.add_argument("text")
-    parser.add_argument("-o", "--output", type=Path, required=True)
-    parser.add_argument("--format", choices=FORMATS, help="default: from the file extension")
-    voice = parser.add_mutually_exclusive_group()
-    voice.add_argument("--voice", help="a voice from the library")
-    voice.add_argument("--voice-file", type=Path, help="a reference clip to clone")
-    parser.add_argument("--transcript", help="what the reference clip says")
-    parser.add_argument("--scene")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--sample-rate", type=int)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="higgs-runpod", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_server_commands(commands)
+    _add_request_commands(commands)
+    add_voices_command(commands)
+    _add_volume_commands(commands)
+    return parser
 
+
+def _add_server_commands(commands: Any) -> None:
+    """serve, worker, http, start: the ways to run the worker."""
     serve = commands.add_parser("serve", help="run the worker behind RunPod's local API server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -376,14 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     start = commands.add_parser("start", help="run what WORKER_MODE says (queue or http)")
     start.set_defaults(func=cmd_start)
 
+
+def _add_request_commands(commands: Any) -> None:
+    """synth (in-process) and speak (through an endpoint)."""
     synth = commands.add_parser("synth", help="synthesise one text in-process to a file")
-    _add_request_arguments(synth)
+    add_request_arguments(synth)
     synth.set_defaults(func=cmd_synth)
 
     speak = commands.add_parser(
         "speak", help="call a deployed endpoint (or a local serve) and save the audio"
     )
-    _add_request_arguments(speak)
+    add_request_arguments(speak)
     target = speak.add_mutually_exclusive_group(required=True)
     target.add_argument("--endpoint", help="RunPod endpoint id (needs RUNPOD_API_KEY)")
     target.add_argument(
@@ -400,29 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speak.set_defaults(func=cmd_speak)
 
-    voices = commands.add_parser(
-        "voices",
-        help="manage the voice library (VOICES_PATH, a queue endpoint, or an HTTP server)",
-        description="With --endpoint: a RunPod queue endpoint. With --url: a local serve, or "
-        "an HTTP server with --http (key from HIGGS_API_KEY). With neither: VOICES_PATH itself.",
-    )
-    where = voices.add_mutually_exclusive_group()
-    where.add_argument("--endpoint", help="RunPod endpoint id (needs RUNPOD_API_KEY)")
-    where.add_argument("--url", help="base URL of a local serve, or of an HTTP server (--http)")
-    voices.add_argument("--http", action="store_true", help="--url is an HTTP-mode server")
-    actions = voices.add_subparsers(dest="voices_command")
-    add = actions.add_parser("add", help="add a voice from a clip and its transcript")
-    add.add_argument("name")
-    add.add_argument("clip", type=Path)
-    add.add_argument("--transcript", required=True, help="what the clip says")
-    add.add_argument("--description")
-    add.add_argument("--consent", help="who agreed to the cloning, and how")
-    add.add_argument("--overwrite", action="store_true", help="replace a voice of that name")
-    actions.add_parser("list", help="list the library (the default)")
-    for verb, about in (("get", "show one voice"), ("rm", "delete a voice and its codes")):
-        actions.add_parser(verb, help=about).add_argument("name")
-    voices.set_defaults(func=cmd_voices)
 
+def _add_volume_commands(commands: Any) -> None:
+    """make-tiny-model, download, deploy: checkpoints and the endpoint itself."""
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random checkpoint")
     tiny.add_argument("directory", type=Path)
     tiny.add_argument(
@@ -449,7 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the requests as JSON lines, send nothing"
     )
     deploy.set_defaults(func=cmd_deploy)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,6 @@ none, and any other URL could be anyone's. Presigned URLs are downloaded, never 
 from __future__ import annotations
 
 import base64
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 import httpx
 
 from higgs_runpod.errors import HiggsRunpodError
+from higgs_runpod.settings import load_client_settings
 
 CLOUD_API = "https://api.runpod.ai/v2"
 # Where a RunPod API key may go: the job API, and load-balancing endpoints (ID.api.runpod.ai).
@@ -90,7 +90,7 @@ class Endpoint:
     @classmethod
     def from_id(cls, endpoint_id: str, api_key: str | None = None, **options: Any) -> Endpoint:
         """A RunPod cloud endpoint by id; the key defaults to RUNPOD_API_KEY."""
-        api_key = api_key or os.environ.get("RUNPOD_API_KEY")
+        api_key = api_key or load_client_settings().runpod_key
         return cls(f"{CLOUD_API}/{endpoint_id}", api_key, **options)
 
     def close(self) -> None:
@@ -287,7 +287,7 @@ def speak(
     max_wait_s: float = 900.0,
 ) -> dict[str, Any]:
     """Run one job on `url` or `endpoint_id` and write its audio to `path`; the output."""
-    api_key = api_key or os.environ.get("RUNPOD_API_KEY")
+    api_key = api_key or load_client_settings().runpod_key
     if url:
         endpoint = Endpoint(url, api_key, max_wait_s=max_wait_s)
     elif endpoint_id:
@@ -346,89 +346,3 @@ def _failure_message(job: dict[str, Any]) -> str:
         "TIMED_OUT": "the job ran past the endpoint's execution timeout",
         "CANCELLED": "the job was cancelled",
     }.get(str(job.get("status")), "the job failed without a message")
-
-
-class Voices:
-    """The voice library of a queue endpoint (the `voice.*` actions) or of an HTTP server
-    (`/v1/audio/voices`); both answer with the same voice objects."""
-
-    def __init__(
-        self,
-        *,
-        endpoint: Endpoint | None = None,
-        http_url: str | None = None,
-        http_key: str | None = None,
-        timeout_s: float = 120.0,
-    ) -> None:
-        if (endpoint is None) == (http_url is None):
-            raise ClientError("give either a queue endpoint or an HTTP server URL")
-        self.endpoint = endpoint
-        self.http_url = http_url.rstrip("/") + "/v1/audio/voices" if http_url else None
-        headers = {"X-API-Key": http_key} if http_key else {}
-        self._http = httpx.Client(headers=headers, timeout=timeout_s)
-
-    def close(self) -> None:
-        self._http.close()
-        if self.endpoint is not None:
-            self.endpoint.close()
-
-    def __enter__(self) -> Voices:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def add(self, name: str, clip: bytes, transcript: str, **fields: Any) -> dict[str, Any]:
-        """Create a voice; `fields`: description, consent, overwrite."""
-        given = {key: value for key, value in fields.items() if value is not None}
-        if self.endpoint is not None:
-            audio = base64.b64encode(clip).decode("ascii")
-            return self._action("voice.create", name=name, transcript=transcript,
-                                audio_base64=audio, **given)  # fmt: skip
-        form = {"name": name, "transcript": transcript, **{k: str(v) for k, v in given.items()}}
-        return self._answer(
-            self._http.post(self._url(), data=form, files={"audio": ("clip", clip)})
-        )
-
-    def list(self) -> list[dict[str, Any]]:
-        """The library's voices (an HTTP server lists OpenAI's names after them)."""
-        if self.endpoint is not None:
-            return self._action("voice.list")["voices"]
-        return self._answer(self._http.get(self._url()))["voices"]
-
-    def get(self, name: str) -> dict[str, Any]:
-        if self.endpoint is not None:
-            return self._action("voice.get", name=name)
-        return self._answer(self._http.get(self._url(name)))
-
-    def remove(self, name: str) -> None:
-        if self.endpoint is not None:
-            self._action("voice.delete", name=name)
-            return
-        self._answer(self._http.delete(self._url(name)))
-
-    def _url(self, name: str | None = None) -> str:
-        assert self.http_url is not None
-        return self.http_url if name is None else f"{self.http_url}/{name}"
-
-    def _action(self, action: str, **fields: Any) -> dict[str, Any]:
-        assert self.endpoint is not None
-        try:
-            output = self.endpoint.run({"action": action, **fields})
-        except JobFailed as error:  # the worker's refusal (a conflict, an unknown name)
-            raise ClientError(error.message) from None
-        if "error" in output:
-            raise ClientError(str(output["error"]))
-        return output
-
-    @staticmethod
-    def _answer(response: httpx.Response) -> Any:
-        if response.status_code == 204:
-            return None
-        if response.is_success:
-            return response.json()
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        raise ClientError(f"HTTP {response.status_code}: {message}")
