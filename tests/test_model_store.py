@@ -22,13 +22,9 @@ import pytest
 from higgs_runpod.errors import InsufficientSpaceError, ModelNotFoundError
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import Settings, load_settings
+from higgs_runpod.weights.checkpoints import check_dir, checkpoint_specs
 from higgs_runpod.weights.download import Manifest, file_problems
-from higgs_runpod.weights.model_store import (
-    MARKER,
-    check_checkpoints,
-    ensure_checkpoints,
-    read_marker,
-)
+from higgs_runpod.weights.model_store import MARKER, ensure_checkpoints, read_marker
 from hub_server import HubServer
 
 MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
@@ -76,9 +72,16 @@ def resolve_gets(hub: HubServer) -> dict[tuple[str, str], int]:
     return dict(hub.counters.file_gets)
 
 
+def check_checkpoints(settings: Settings) -> None:
+    """Both configured directories look loadable (the model's is checked first)."""
+    for spec in checkpoint_specs(settings):
+        check_dir(spec)
+
+
 def assert_verified(settings: Settings) -> None:
-    checkpoints = check_checkpoints(settings)
-    for path in (checkpoints.model_path, checkpoints.tokenizer_path):
+    check_checkpoints(settings)
+    for path in (settings.model_path, settings.tokenizer_path):
+        assert path is not None
         marker = read_marker(path)
         assert marker is not None, f"{path} has no completion marker"
         assert not file_problems(path, Manifest.from_json(marker["manifest"]).files)

@@ -1,8 +1,6 @@
-"""Where the checkpoints live, making sure they are there, and whether a directory holds one.
+"""Making sure the checkpoints are there (what a checkpoint is: `checkpoints`).
 
-`MODEL_PATH` is the generation model's directory and `TOKENIZER_PATH` the audio tokenizer's;
-both are plain transformers checkpoints loaded with `from_pretrained`. `ensure_checkpoints`
-is what a worker runs before loading; for each checkpoint, in this order:
+`ensure_checkpoints` is what a worker runs before loading; for each checkpoint, in this order:
 
 1. MODEL_PATH holds a complete download (its completion marker matches the configured repo
    and revision, every file has its recorded size and mtime): use it. No hub request.
@@ -39,6 +37,13 @@ from higgs_runpod.container.volume_lock import (
 )
 from higgs_runpod.errors import CheckpointDownloadError, ModelNotFoundError
 from higgs_runpod.settings import Settings
+from higgs_runpod.weights.checkpoints import (
+    Checkpoints,
+    CheckpointSpec,
+    check_dir,
+    checkpoint_specs,
+    find_cached_model,
+)
 from higgs_runpod.weights.download import (
     Manifest,
     download_verified,
@@ -49,28 +54,7 @@ from higgs_runpod.weights.download import (
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPE = "higgs_audio_v2"
-TOKENIZER_TYPE = "higgs_audio_v2_tokenizer"
-TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MARKER = ".higgs-runpod-complete.json"
-
-
-@dataclass(frozen=True)
-class Checkpoints:
-    model_path: Path
-    tokenizer_path: Path
-
-
-@dataclass(frozen=True)
-class CheckpointSpec:
-    """One checkpoint as configured: where it goes, what it is, and where it comes from."""
-
-    variable: str  # the setting that names its directory, for messages
-    path: Path
-    repo: str
-    revision: str
-    model_type: str
-    required_files: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -96,73 +80,6 @@ class Ready:
             f"{self.spec.variable}={self.path}: {what}, {self.total_bytes / 1e6:.1f} MB, "
             f"{self.source}, ready in {self.seconds:.1f} s"
         )
-
-
-def checkpoint_specs(settings: Settings) -> tuple[CheckpointSpec, CheckpointSpec]:
-    assert settings.model_path is not None and settings.tokenizer_path is not None
-    model = CheckpointSpec(
-        "MODEL_PATH",
-        settings.model_path,
-        settings.model_repo,
-        settings.model_revision,
-        MODEL_TYPE,
-        TEXT_TOKENIZER_FILES,
-    )
-    tokenizer = CheckpointSpec(
-        "TOKENIZER_PATH",
-        settings.tokenizer_path,
-        settings.tokenizer_repo,
-        settings.tokenizer_revision,
-        TOKENIZER_TYPE,
-        (),
-    )
-    return model, tokenizer
-
-
-# -- the checks that make a directory loadable ------------------------------------------------
-
-
-def _how_to_get(spec: CheckpointSpec) -> str:
-    return (
-        f"Run `higgs-runpod download` (it fetches {spec.repo} into {spec.path}), or set "
-        f"{spec.variable} to a {spec.repo} checkpoint in transformers format. To try the API "
-        "offline, make a tiny random model with `higgs-runpod make-tiny-model DIR` and set "
-        "MODEL_PATH=DIR/model and TOKENIZER_PATH=DIR/tokenizer."
-    )
-
-
-def check_dir(spec: CheckpointSpec, path: Path | None = None) -> None:
-    """Raise `ModelNotFoundError` unless `path` (default: the spec's) looks loadable."""
-    path = path or spec.path
-    variable = f"{spec.variable}={path}"
-    if not path.is_dir():
-        raise ModelNotFoundError(f"{variable} does not exist. {_how_to_get(spec)}")
-    try:
-        found_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        found_type = None
-        missing = "config.json is missing or unreadable"
-    else:
-        missing = f"config.json says model_type={found_type!r}, expected {spec.model_type!r}"
-    if found_type != spec.model_type:
-        raise ModelNotFoundError(
-            f"{variable} is not a {spec.repo} checkpoint: {missing}. {_how_to_get(spec)}"
-        )
-    absent = [name for name in spec.required_files if not (path / name).is_file()]
-    if not any(path.glob("*.safetensors")):
-        absent.append("*.safetensors weights")
-    if absent:
-        raise ModelNotFoundError(
-            f"{variable} is incomplete: missing {', '.join(absent)}. {_how_to_get(spec)}"
-        )
-
-
-def check_checkpoints(settings: Settings) -> Checkpoints:
-    """Return the configured directories, or raise `ModelNotFoundError` saying what's wrong."""
-    model, tokenizer = checkpoint_specs(settings)
-    check_dir(model)
-    check_dir(tokenizer)
-    return Checkpoints(model.path, tokenizer.path)
 
 
 # -- the completion marker --------------------------------------------------------------------
@@ -210,31 +127,6 @@ def _marker_for(directory: Path, manifest: Manifest) -> dict:
         "total_bytes": manifest.total_bytes,
         "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-# -- RunPod's cached models ---------------------------------------------------------------------
-
-
-def find_cached_model(cache_root: Path, spec: CheckpointSpec) -> Path | None:
-    """The snapshot of `spec.repo` in a Hugging Face hub cache (RunPod's cached models), if any."""
-    repo_dir = cache_root / f"models--{spec.repo.replace('/', '--')}"
-    snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = repo_dir / "refs" / spec.revision
-    commit = ref.read_text().strip() if ref.is_file() else spec.revision
-    candidate = snapshots / commit
-    if not candidate.is_dir():
-        found = [entry for entry in snapshots.iterdir() if entry.is_dir()]
-        if spec.revision != "main" or len(found) != 1:
-            return None
-        candidate = found[0]  # RunPod caches one snapshot per repo, the default branch's
-    try:
-        check_dir(spec, candidate)
-    except ModelNotFoundError as error:
-        log.warning("ignoring RunPod's cached copy of %s: %s", spec.repo, error)
-        return None
-    return candidate
 
 
 # -- ensuring a checkpoint ----------------------------------------------------------------------
