@@ -29,7 +29,12 @@ def test_openai_fields_become_the_worker_request(settings: Settings) -> None:
     request = parsed.request
     assert (request.text, request.format, request.speed) == ("Hello there.", "flac", 1.5)
     assert (request.scene, request.seed, parsed.stream_format) == ("A quiet room.", 7, "audio")
-    assert parsed.model == "tts-1"
+
+
+@pytest.mark.parametrize("model", ["tts-1", "higgs-audio-v2", "gpt-4o-mini-tts", "anything"])
+def test_any_model_name_is_taken(model: str, settings: Settings) -> None:
+    """One model serves every name; the field is still required (test_errors_name_...)."""
+    assert parse_openai_speech(body(model=model), settings).request.text == "Hello there."
 
 
 def test_defaults_follow_openai(settings: Settings) -> None:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import decoded
-from higgs_runpod.synthesis.progressive import ProgressiveEncoder, encode
+from higgs_runpod.request.schema import AUDIO_FORMATS
+from higgs_runpod.synthesis.progressive import CONTENT_TYPES, ProgressiveEncoder, encode
 
 RATE = 24_000
 TONE = (0.3 * np.sin(2 * np.pi * 220 * np.arange(2 * RATE) / RATE)).astype(np.float32)
@@ -68,3 +69,9 @@ def test_a_finished_encoder_refuses_more() -> None:
     assert encoder.finish() and encoder.finish() == b""
     with pytest.raises(RuntimeError):
         encoder.feed(TONE)
+
+
+def test_every_request_format_has_an_encoder_and_a_content_type() -> None:
+    assert set(CONTENT_TYPES) == set(AUDIO_FORMATS)
+    for audio_format in AUDIO_FORMATS:
+        assert encode(np.zeros(2400, dtype=np.float32), 24_000, audio_format)

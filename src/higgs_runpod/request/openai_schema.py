@@ -39,11 +39,11 @@ StreamFormat = Literal["audio", "sse"]
 
 @dataclass(frozen=True)
 class OpenAISpeech:
-    """A validated OpenAI speech request: what to generate and how to send it."""
+    """A validated OpenAI speech request: what to generate and how to send it. `model` is
+    required and any name is taken (this worker serves one model), so it is not kept."""
 
     request: SpeechRequest
     stream_format: StreamFormat
-    model: str
 
 
 def map_voice(name: str, settings: Settings) -> str | None:
@@ -101,7 +101,7 @@ def parse_openai_speech(raw: Any, settings: Settings) -> OpenAISpeech:
         request = parse_request(fields, settings)
     except RequestError as error:
         raise in_openai_terms(error, instructions is not None) from None
-    return OpenAISpeech(request=request, stream_format=stream_format, model=model)
+    return OpenAISpeech(request=request, stream_format=stream_format)
 
 
 def in_openai_terms(error: RequestError, scene_from_instructions: bool = False) -> RequestError:

@@ -9,7 +9,7 @@ settings through the validation context.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -30,6 +30,8 @@ from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis.tempo import MAX_SPEED, MIN_SPEED
 
 AudioFormat = Literal["wav", "flac", "mp3", "opus", "aac", "pcm"]
+AUDIO_FORMATS: tuple[AudioFormat, ...] = get_args(AudioFormat)  # the one list of formats
+RAS_WINDOW = 64  # the longest ras_win_len a request may ask for (the sampler keeps as many)
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 OPUS_SAMPLE_RATES = (8000, 16000, 24000, 48000)
 # At most three digits: a tag is a small number, and "[SPEAKER<5000 digits>]" stays text.
@@ -152,7 +154,7 @@ class SpeechRequest(_Strict):
     top_k: int = Field(default=50, ge=0, le=1024)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     max_new_tokens: int = Field(default=2048, ge=1)
-    ras_win_len: int = Field(default=7, ge=0, le=64)
+    ras_win_len: int = Field(default=7, ge=0, le=RAS_WINDOW)
     ras_win_max_num_repeat: int = Field(default=2, ge=1, le=64)
     speed: float = Field(default=1.0, ge=MIN_SPEED, le=MAX_SPEED)
     format: AudioFormat = "wav"

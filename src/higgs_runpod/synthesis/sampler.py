@@ -26,26 +26,33 @@ noise) is a sample from softmax(scores), the distribution generate's multinomial
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
-RAS_WINDOW = 64  # the longest ras_win_len a request may ask for (schema)
+from higgs_runpod.request.schema import RAS_WINDOW, SpeechRequest
+
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**31: products of 32-bit values stay inside int64, so nothing overflows
 _SPREAD = 0x61C88647
 
 
+def _request_default(name: str) -> Any:
+    return SpeechRequest.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """One request's sampling settings (the engine draws a seed where none is given)."""
+    """One request's sampling settings (the engine draws a seed where none is given); the
+    defaults are a request's (schema.SpeechRequest)."""
 
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 50  # 0: off
+    temperature: float = _request_default("temperature")
+    top_p: float = _request_default("top_p")
+    top_k: int = _request_default("top_k")  # 0: off
     seed: int | None = None
-    max_new_tokens: int = 2048
-    ras_win_len: int = 7  # 0: RAS off
-    ras_win_max_num_repeat: int = 2
+    max_new_tokens: int = _request_default("max_new_tokens")
+    ras_win_len: int = _request_default("ras_win_len")  # 0: RAS off
+    ras_win_max_num_repeat: int = _request_default("ras_win_max_num_repeat")
 
 
 @dataclass(frozen=True)
