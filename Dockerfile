@@ -1,4 +1,4 @@
-# Higgs Audio v2 on RunPod serverless. Two targets from one file (see docs/issue-4.md):
+# Higgs Audio v2 on RunPod serverless. Two targets from one file (see docs/deploy.md):
 #   thin (default): Python, uv and the project; the runtime (torch, transformers, ...) is
 #                   installed by the bootstrap onto the network volume on the first start.
 #   full:           the same with the runtime installed at build time (about 5 GB more).

@@ -1,4 +1,4 @@
-"""Hostile job inputs (issue 12), shared by the tests and bench/abuse.py.
+"""Hostile job inputs, shared by the tests and bench/abuse.py.
 
     cases(hostile_url)   -> the cases: a job `input`, the field its error must name (None:
                             the job must succeed) and an optional top-level `s3Config`

@@ -242,7 +242,7 @@ def streaming_server(
         server.stop()
 
 
-# --- S3 (issue 5): moto on loopback, and a worker that uploads to it ----------------------
+# --- S3: moto on loopback, and a worker that uploads to it ----------------------
 
 # Distinctive fake credentials: tests grep outputs and logs for them.
 S3_KEY_ID = "AKIATESTKEYID7Q2X9Z"

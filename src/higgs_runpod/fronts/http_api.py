@@ -116,7 +116,7 @@ class Service:
     def _count(self, delta: int) -> None:
         self.in_flight += delta
         self.metrics.in_flight.set(self.in_flight)
-        self.metrics.queue_depth.set(max(self.in_flight - 1, 0))
+        self.metrics.queue_depth.set(max(self.in_flight - self.worker.engine.slots, 0))
 
 
 class AudioStream:

@@ -50,7 +50,8 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "higgs_speech_queue_depth",
-            "Admitted speech requests beyond the one the engine generates (it runs one at a time).",
+            "Admitted speech requests beyond the engine's decode slots (MAX_BATCH_SIZE, or fewer "
+            "if the KV cache holds fewer): at least this many wait for a slot.",
             registry=self.registry,
         )
         self.rejected = Counter(
