@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from higgs_runpod.synthesis.tempo import atempo_factors, time_stretch
+from higgs_runpod.synthesis.progressive import ProgressiveEncoder
+from higgs_runpod.synthesis.tempo import Stretcher, atempo_factors
 
 RATE = 24_000
 
@@ -13,6 +14,12 @@ RATE = 24_000
 def tone(seconds: float, freq: float = 440.0) -> np.ndarray:
     t = np.arange(int(seconds * RATE)) / RATE
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def time_stretch(samples: np.ndarray, rate: int, speed: float) -> np.ndarray:
+    """What an encoder does to a clip at `speed`: push it all through a Stretcher."""
+    stretcher = Stretcher(rate, speed)
+    return np.concatenate([stretcher.push(samples), stretcher.flush()])
 
 
 def dominant_hz(samples: np.ndarray) -> float:
@@ -27,9 +34,10 @@ def test_duration_scales_and_pitch_stays(speed: float) -> None:
     assert dominant_hz(stretched) == pytest.approx(440.0, abs=3.0)
 
 
-def test_speed_one_returns_the_samples_untouched() -> None:
-    samples = tone(0.5)
-    assert time_stretch(samples, RATE, 1.0) is samples
+def test_speed_one_leaves_the_samples_untouched() -> None:
+    """At speed 1 an encoder has no stretcher: its samples go straight to the codec."""
+    assert ProgressiveEncoder("pcm", RATE, RATE, 1.0).stretcher is None
+    assert ProgressiveEncoder("pcm", RATE, RATE, 1.5).stretcher is not None
 
 
 def test_factors_below_one_half_are_chained() -> None:

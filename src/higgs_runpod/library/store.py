@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
 METADATA, CLIP, CODES = "voice.json", "clip.wav", "codes.pt"
-MAX_TRANSCRIPT_CHARS = 2000
-MAX_TEXT_FIELD_CHARS = 500  # description, consent
 STALE_STAGING_S = 3600.0  # a staging directory this old belongs to a writer that died
 
 Source = Literal["upload", "take", "file"]

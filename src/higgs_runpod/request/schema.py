@@ -32,6 +32,8 @@ from higgs_runpod.synthesis.tempo import MAX_SPEED, MIN_SPEED
 AudioFormat = Literal["wav", "flac", "mp3", "opus", "aac", "pcm"]
 AUDIO_FORMATS: tuple[AudioFormat, ...] = get_args(AudioFormat)  # the one list of formats
 RAS_WINDOW = 64  # the longest ras_win_len a request may ask for (the sampler keeps as many)
+MAX_TRANSCRIPT_CHARS = 2000  # a reference clip's transcript
+MAX_NOTE_CHARS = 500  # a voice's description, a library voice's consent
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 OPUS_SAMPLE_RATES = (8000, 16000, 24000, 48000)
 # At most three digits: a tag is a small number, and "[SPEAKER<5000 digits>]" stays text.
@@ -47,20 +49,20 @@ class CloneFromBase64(_Strict):
     """Clone the voice of a clip sent inline."""
 
     audio_base64: NonEmpty
-    transcript: NonEmpty = Field(max_length=2000)
+    transcript: NonEmpty = Field(max_length=MAX_TRANSCRIPT_CHARS)
 
 
 class CloneFromUrl(_Strict):
     """Clone the voice of a clip the worker downloads."""
 
     audio_url: NonEmpty = Field(max_length=2048)
-    transcript: NonEmpty = Field(max_length=2000)
+    transcript: NonEmpty = Field(max_length=MAX_TRANSCRIPT_CHARS)
 
 
 class DescribedVoice(_Strict):
     """A voice described in words ("a calm, deep male voice with a British accent")."""
 
-    description: NonEmpty = Field(max_length=500)
+    description: NonEmpty = Field(max_length=MAX_NOTE_CHARS)
 
 
 _PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -126,17 +128,17 @@ class SaveVoice(_Strict):
 
     name: str = Field(max_length=64)
     overwrite: bool = False
-    description: NonEmpty | None = Field(default=None, max_length=500)
-    consent: NonEmpty | None = Field(default=None, max_length=500)
+    description: NonEmpty | None = Field(default=None, max_length=MAX_NOTE_CHARS)
+    consent: NonEmpty | None = Field(default=None, max_length=MAX_NOTE_CHARS)
 
 
 class VoiceFields(_Strict):
     """A new library voice, from the queue API's `voice.create` or an HTTP create."""
 
     name: str = Field(max_length=64)
-    transcript: NonEmpty = Field(max_length=2000)
-    description: NonEmpty | None = Field(default=None, max_length=500)
-    consent: NonEmpty | None = Field(default=None, max_length=500)
+    transcript: NonEmpty = Field(max_length=MAX_TRANSCRIPT_CHARS)
+    description: NonEmpty | None = Field(default=None, max_length=MAX_NOTE_CHARS)
+    consent: NonEmpty | None = Field(default=None, max_length=MAX_NOTE_CHARS)
     overwrite: bool = False
     audio_base64: NonEmpty | None = None
     audio_url: NonEmpty | None = Field(default=None, max_length=2048)

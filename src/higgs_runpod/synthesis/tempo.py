@@ -84,11 +84,3 @@ class Stretcher:
 
 
 _EMPTY = np.zeros(0, dtype=np.float32)
-
-
-def time_stretch(samples: np.ndarray, sample_rate: int, speed: float) -> np.ndarray:
-    """float32 mono samples played `speed` times faster, at the same pitch."""
-    if speed == 1.0 or len(samples) == 0:
-        return samples
-    stretcher = Stretcher(sample_rate, speed)
-    return np.concatenate([stretcher.push(samples), stretcher.flush()])
