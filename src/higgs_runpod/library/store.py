@@ -188,9 +188,7 @@ class NewVoice:
 def check_name(name: Any, field: str, reserved: frozenset[str]) -> str:
     """A library voice name, or RequestError: the pattern, then the reserved names."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise RequestError(
-            field, "must match ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$ (letters, digits, '_', '-')"
-        )
+        raise RequestError(field, f"must match {NAME_PATTERN.pattern} (letters, digits, '_', '-')")
     if name.lower() in reserved:
         raise RequestError(
             field,

@@ -34,6 +34,7 @@ AUDIO_FORMATS: tuple[AudioFormat, ...] = get_args(AudioFormat)  # the one list o
 RAS_WINDOW = 64  # the longest ras_win_len a request may ask for (the sampler keeps as many)
 MAX_TRANSCRIPT_CHARS = 2000  # a reference clip's transcript
 MAX_NOTE_CHARS = 500  # a voice's description, a library voice's consent
+MAX_URL_CHARS = 2048  # an audio_url
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 OPUS_SAMPLE_RATES = (8000, 16000, 24000, 48000)
 # At most three digits: a tag is a small number, and "[SPEAKER<5000 digits>]" stays text.
@@ -55,7 +56,7 @@ class CloneFromBase64(_Strict):
 class CloneFromUrl(_Strict):
     """Clone the voice of a clip the worker downloads."""
 
-    audio_url: NonEmpty = Field(max_length=2048)
+    audio_url: NonEmpty = Field(max_length=MAX_URL_CHARS)
     transcript: NonEmpty = Field(max_length=MAX_TRANSCRIPT_CHARS)
 
 
@@ -124,7 +125,8 @@ class ChunkingOptions(_Strict):
 
 
 class SaveVoice(_Strict):
-    """Keep the take as a library voice (see library.py); the name is checked by the library."""
+    """Keep the take as a library voice (library/store.py); the name is checked there
+    (store.check_name), the length here only bounds what is read."""
 
     name: str = Field(max_length=64)
     overwrite: bool = False
@@ -141,7 +143,7 @@ class VoiceFields(_Strict):
     consent: NonEmpty | None = Field(default=None, max_length=MAX_NOTE_CHARS)
     overwrite: bool = False
     audio_base64: NonEmpty | None = None
-    audio_url: NonEmpty | None = Field(default=None, max_length=2048)
+    audio_url: NonEmpty | None = Field(default=None, max_length=MAX_URL_CHARS)
 
 
 class SpeechRequest(_Strict):
