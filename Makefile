@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TINY_DIR ?= models/tiny
 
-.PHONY: setup serve serve-tiny test typecheck lint format bench check-delivery pin-images
+.PHONY: setup serve serve-tiny test test-fast typecheck lint format bench check-delivery pin-images
 
 $(VENV)/.synced: pyproject.toml uv.lock requirements-build.lock
 	test -x $(UV) || ($(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q \
@@ -32,6 +32,10 @@ test: setup typecheck
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/pytest
+
+# The unit tests only: everything but tests/e2e (the tests that start servers).
+test-fast: setup
+	$(VENV)/bin/pytest -m "not e2e"
 
 # mypy over src/ (settings in pyproject.toml); part of `make test`.
 typecheck: setup

@@ -1,7 +1,11 @@
 """Issue 12's end-to-end hostile cases against both fronts, one table.
 
-    .venv/bin/python bench/abuse.py [--quick] [--front both|http|serve]
-                                    [--cases all|transport|input] [--model tiny|cpu] [--dry-run]
+    PYTHONPATH=tests .venv/bin/python bench/abuse.py [--quick] [--front both|http|serve]
+        [--cases all|transport|input] [--model tiny|cpu] [--dry-run]
+
+PYTHONPATH=tests puts the test helpers it drives (tests/support/: the hostile clients and
+inputs, test code rather than product code) on the path; tests/e2e/test_abuse_bench.py
+runs it the same way.
 
 Starts, on loopback with a random checkpoint (tiny by default), `higgs-runpod http` (our
 HTTP server, with HIGGS_API_KEY) and `higgs-runpod serve` (RunPod's local API server, the
@@ -11,16 +15,18 @@ the server process's peak memory (VmHWM in /proc) during the case, and whether t
 still answered afterwards.
 
 Cases:
-- transport (HTTP front only): slow and hostile clients on raw sockets (tests/slow_client.py)
-  and httpx: a body dripped a byte at a time, a flood of drips past HTTP_MAX_IN_FLIGHT,
-  dripped and idle headers, a bracket bomb, wrong content types, no key, oversized bodies.
-- input (both fronts): the hostile job inputs of tests/abuse_cases.py (decoder and download
-  bombs, malformed and private URLs, unbounded work, s3Config to loopback, zero frames),
-  served by its HostileServer on loopback; skipped, with a note, where that module is absent.
+- transport (HTTP front only): slow and hostile clients on raw sockets
+  (tests/support/slow_client.py) and httpx: a body dripped a byte at a time, a flood of
+  drips past HTTP_MAX_IN_FLIGHT, dripped and idle headers, a bracket bomb, wrong content
+  types, no key, oversized bodies.
+- input (both fronts): the hostile job inputs of tests/support/abuse_cases.py (decoder and
+  download bombs, malformed and private URLs, unbounded work, s3Config to loopback, zero
+  frames), served by its HostileServer on loopback; skipped, with a note, where that module
+  is absent.
 
 Every case is bounded: one that gets no answer in time is reported as a timeout.
 `--quick` shortens the server's timeouts and the flood so that the whole run takes a few
-minutes on 2 cores; tests/test_abuse_bench.py runs it.
+minutes on 2 cores; tests/e2e/test_abuse_bench.py runs it.
 """
 
 from __future__ import annotations
@@ -43,10 +49,7 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-
-from slow_client import SlowClient, request_head
+from support.slow_client import SlowClient, request_head
 
 KEY = "abuse-bench-key"
 AUTH = {"X-API-Key": KEY}
@@ -213,7 +216,7 @@ def _speech(**fields: Any) -> dict[str, Any]:
             "max_new_tokens": 20, **fields}  # fmt: skip
 
 
-# --- input cases (tests/abuse_cases.py, both fronts) ----------------------------------------
+# --- input cases (tests/support/abuse_cases.py, both fronts) ---------------------------------
 
 
 def input_cases(cases_module: Any, hostile_url: str, front: str) -> list[Case]:
@@ -305,7 +308,7 @@ def server_env(base: dict[str, str], profile: Profile) -> dict[str, str]:
 
 def load_input_cases() -> Any | None:
     try:
-        return importlib.import_module("abuse_cases")
+        return importlib.import_module("support.abuse_cases")
     except ImportError:
         return None
 
@@ -352,7 +355,7 @@ def main() -> int:
     hostile = module.HostileServer() if module is not None and args.cases != "transport" else None
     plans = plan(args, profile, module, hostile.url if hostile else "http://127.0.0.1:9")
     if module is None:
-        print("note: tests/abuse_cases.py is absent: input cases skipped")
+        print("note: tests/support/abuse_cases.py is absent: input cases skipped")
     if args.dry_run:
         for front, cases in plans.items():
             print(f"{front}: {', '.join(case.name for case in cases)}")

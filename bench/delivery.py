@@ -5,7 +5,10 @@ loopback (put + presign) and the caller downloading the presigned link. Loopback
 network latency, so the S3 figures are the worker's own CPU cost plus moto's, a floor for a
 real store.
 
-    .venv/bin/python bench/delivery.py [--sizes 1 5 20] [--repeats 5]
+    PYTHONPATH=tests .venv/bin/python bench/delivery.py [--sizes 1 5 20] [--repeats 5]
+
+PYTHONPATH=tests puts the stand-in S3 store (tests/support/s3store.py, test code rather
+than product code) on the path.
 """
 
 from __future__ import annotations
@@ -16,16 +19,13 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from higgs_runpod.delivery.storage import Plan, Storage
 from higgs_runpod.settings import load_settings
-from s3store import StrictStore
+from support.s3store import StrictStore
 
 
 def timed(func, repeats: int) -> float:

@@ -1,11 +1,15 @@
 """How long N workers starting at once on an empty volume take to be ready, versus one worker,
 and how many bytes the hub serves in each case.
 
-Serves a checkpoint from tests/hub_server.py on loopback (the tiny model plus a large random
+Serves a checkpoint from tests/support/hub_server.py on loopback (the tiny model plus a large random
 weights file, so that transfer time matters) and runs `higgs-runpod download` in N separate
 processes, the same code path a worker runs at start-up. Ready = the process exited 0.
 
-    .venv/bin/python bench/download_concurrency.py --workers 4 --weights-mb 256 --rate-mb-s 100
+    PYTHONPATH=tests .venv/bin/python bench/download_concurrency.py --workers 4 --weights-mb 256 \
+        --rate-mb-s 100
+
+PYTHONPATH=tests puts the stand-in hub (tests/support/hub_server.py, test code rather
+than product code) on the path.
 """
 
 from __future__ import annotations
@@ -18,11 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 from higgs_runpod.settings import load_settings
 from higgs_runpod.weights.tiny import make_tiny_model
-from hub_server import HubServer, host_directory
+from support.hub_server import HubServer, host_directory
 
 
 def run_workers(hub: HubServer, volume: Path, count: int) -> list[float]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,16 +10,7 @@ import soundfile
 
 from higgs_runpod.tools.cli import build_parser
 from higgs_runpod.tools.cli_requests import synth_input
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "higgs_runpod.tools.cli", *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from support.cli import cli
 
 
 def test_synth_writes_the_format_of_the_extension(base_env: dict, tmp_path: Path) -> None:

@@ -1,15 +1,13 @@
-"""The client: job following against RunPod's cloud job API, and end to end against a live
-`higgs-runpod serve` (inline and S3).
+"""The client: job following against RunPod's cloud job API (tests/e2e/test_client_e2e.py
+runs it against a live `higgs-runpod serve`).
 
 RunPod's cloud cannot run here, so `FakeRunPod` plays it on loopback: `/run`,
 `GET /status/{id}`, `POST /cancel/{id}`, `/health`, with scripted job states and 429s.
-Everything else is real: the client's HTTP, the CLI in a subprocess, RunPod's local API
-server with the tiny model, moto for S3.
+Everything else is real: the client's HTTP and the CLI in a subprocess.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -23,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import soundfile
 
-from conftest import S3_KEY_ID, S3_SECRET, LocalServer, b64, make_wav
-from higgs_runpod.tools.client import ClientError, Endpoint, JobFailed, JobUpdate, save_audio, speak
+from higgs_runpod.tools.client import ClientError, Endpoint, JobFailed, JobUpdate, save_audio
+from support.audio import b64, make_wav
+from support.cli import API_KEY, run_cli
 
-API_KEY = "rp_test_key_never_printed_123"
 WAV = make_wav(seconds=0.5)
 
 
@@ -226,7 +223,7 @@ def test_wrong_api_key_is_a_clear_error(fake_factory: Any) -> None:
 
 
 def test_unreachable_endpoint_is_a_clear_error() -> None:
-    from conftest import free_port
+    from support.servers import free_port
 
     with (
         Endpoint(f"http://127.0.0.1:{free_port()}", API_KEY, max_wait_s=0.2, poll_s=0.05) as c,
@@ -245,16 +242,6 @@ def test_download_sends_no_api_key_and_leaves_no_partial_file(
         save_audio({"audio_url": f"{fake.url}/audio.wav", "s3_uri": "s3://b/k"}, tmp_path / "x")
     assert "s3://b/k" in str(error.value)
     assert not list(tmp_path.iterdir())  # no partial file left behind
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Any:
-    return subprocess.run(
-        [sys.executable, "-m", "higgs_runpod.tools.cli", "speak", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "RUNPOD_API_KEY": API_KEY, **(env or {})},
-        timeout=timeout,
-    )
 
 
 def test_cli_prints_the_workers_error_and_exits_non_zero(fake_factory: Any, tmp_path: Path) -> None:
@@ -319,69 +306,3 @@ def test_cli_needs_an_api_key_for_an_endpoint_id(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "RUNPOD_API_KEY" in result.stderr
-
-
-# --- end to end against RunPod's local API server -----------------------------------------
-
-
-def test_cli_against_local_server_inline(local_server: LocalServer, tmp_path: Path) -> None:
-    out = tmp_path / "hello.flac"
-    result = run_cli("Hello there.", "-o", str(out), "--url", local_server.url, "--seed", "3",
-                     "--max-new-tokens", "40")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert f"wrote {out}" in result.stdout
-    samples, rate = soundfile.read(out)
-    assert rate == 24_000
-    assert soundfile.info(out).format == "FLAC"
-    assert len(samples) > 0
-
-
-def test_python_api_against_local_server_failed_job(
-    local_server: LocalServer, tmp_path: Path
-) -> None:
-    with pytest.raises(JobFailed) as error:
-        speak({"text": "Hi", "temperature": 9.0}, tmp_path / "x.wav", url=local_server.url)
-    assert error.value.status == "FAILED"
-    assert error.value.message.startswith("temperature:")
-
-
-def test_cli_against_local_server_with_s3(s3_server: LocalServer, tmp_path: Path) -> None:
-    out = tmp_path / "hello.mp3"
-    result = run_cli("Hello bucket.", "-o", str(out), "--url", s3_server.url, "--seed", "3",
-                     "--max-new-tokens", "40")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "from s3://audio/higgs-runpod/test-" in result.stdout
-    import av
-
-    with av.open(str(out)) as container:
-        assert container.format.name == "mp3"
-        assert sum(frame.samples for frame in container.decode(audio=0)) > 0
-    everything = result.stdout + result.stderr + s3_server.log()
-    for secret in (S3_SECRET, S3_KEY_ID, "X-Amz-Signature", "X-Amz-Credential"):
-        assert secret not in everything
-
-
-def test_python_api_inline_on_s3_server(s3_server: LocalServer, tmp_path: Path) -> None:
-    output = speak(
-        {"text": "Inline please.", "output": "inline", "max_new_tokens": 40, "format": "wav"},
-        tmp_path / "x.wav",
-        url=s3_server.url,
-    )
-    assert output["delivery"] == "inline"
-    data, rate = soundfile.read(io.BytesIO((tmp_path / "x.wav").read_bytes()))
-    assert rate == 24_000
-    assert len(data) / rate == pytest.approx(output["duration_s"], abs=1e-3)
-
-
-def test_client_joins_a_stream_from_a_streaming_endpoint(streaming_server, tmp_path: Path) -> None:
-    """Against the generator handler, outputs are lists; the client writes one file."""
-    job = {"text": "Joined by the client.", "seed": 2, "max_new_tokens": 50, "format": "wav"}
-    streamed = speak({**job, "stream": True}, tmp_path / "streamed.wav", url=streaming_server.url)
-    plain = speak(job, tmp_path / "plain.wav", url=streaming_server.url)
-    assert streamed["done"] and streamed["pieces"] > 1
-    streamed_audio, rate = soundfile.read(tmp_path / "streamed.wav", dtype="int16")
-    plain_audio, _ = soundfile.read(tmp_path / "plain.wav", dtype="int16")
-    assert rate == 24_000
-    assert len(streamed_audio) == plain["usage"]["audio_frames"] * 960
-    # Piecewise decoding differs from one pass by ~1e-9: at most one step of 16-bit rounding.
-    assert abs(streamed_audio.astype(int) - plain_audio).max() <= 1

@@ -1,5 +1,5 @@
 """File verification against the hub's metadata, and the manifest the real client reads from
-the hub-protocol server (tests/hub_server.py) on loopback."""
+the hub-protocol server (tests/support/hub_server.py) on loopback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from higgs_runpod.errors import CheckpointDownloadError, mask_url_secrets
 from higgs_runpod.weights.download import (
     Manifest,
@@ -17,7 +16,8 @@ from higgs_runpod.weights.download import (
     file_problems,
     git_sha1_of,
 )
-from hub_server import HubServer
+from support.hub_server import HubServer
+from support.servers import free_port
 
 
 def test_git_blob_id_is_what_git_computes(tmp_path: Path) -> None:

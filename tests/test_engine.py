@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from higgs_runpod.request.voices import ReferenceClip
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.engine import Engine, SamplingParams
 from higgs_runpod.synthesis.loading import resolve_device
+from support.engine import Staggered
 
 # RAS resamples repeated codes at random even when greedy, so greedy runs switch it off.
 GREEDY = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=30)
@@ -145,45 +145,6 @@ def _rss_mb() -> float:
     raise AssertionError("no VmRSS")
 
 
-class Staggered:
-    """Requests started one after another, each once the frames produced so far (by any
-    of them) reach its mark, so that every row joins the batch at another step."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine, self.frames, self.lock = engine, 0, threading.Lock()
-        self.marks: list[tuple[int, threading.Event]] = []
-        self.threads: list[threading.Thread] = []
-        self.results: dict[str, object] = {}
-
-    def count(self, frames: torch.Tensor) -> None:
-        with self.lock:
-            self.frames += frames.shape[0]
-            for mark, event in self.marks:
-                if self.frames >= mark:
-                    event.set()
-
-    def start(self, name: str, at: int, run: Callable[[], object]) -> None:
-        event = threading.Event()
-        self.marks.append((at, event))
-        if at <= 0:
-            event.set()
-
-        def target() -> None:
-            event.wait(timeout=60)
-            try:
-                self.results[name] = run()
-            except Exception as error:
-                self.results[name] = error
-
-        self.threads.append(threading.Thread(target=target))
-        self.threads[-1].start()
-
-    def join(self) -> dict[str, object]:
-        for thread in self.threads:
-            thread.join(timeout=120)
-        return self.results
-
-
 SAMPLED = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, ras_win_len=7,
                          ras_win_max_num_repeat=2, max_new_tokens=40)  # fmt: skip
 
@@ -194,7 +155,7 @@ def test_a_seeded_request_draws_the_same_codes_alone_and_among_seven_others(
     target = SamplingParams(**{**SAMPLED.__dict__, "seed": 4242})
     text = build_conversation("The same words, sampled.")
     alone = engine.synthesize(text, target)
-    runs = Staggered(engine)
+    runs = Staggered()
     for index, at in enumerate([0, 2, 4, 7, 11, 16, 22]):  # the target joins at 9
         params = SamplingParams(**{**SAMPLED.__dict__, "seed": index,
                                    "temperature": 0.8 if index % 2 else 1.0,
@@ -271,13 +232,13 @@ def test_a_failing_prefill_fails_alone(engine: Engine, monkeypatch: pytest.Monke
         if runs.frames >= 2:
             monkeypatch.setattr(engine.model, "forward", out_of_memory)
 
-    runs = Staggered(engine)
+    runs = Staggered()
     runs.start("long", 0, lambda: engine.synthesize(text, long, on_frames=after_prefill))
     runs.start("out of memory", 3, lambda: engine.synthesize(build_conversation("Hi"), GREEDY))
     results = runs.join()
     monkeypatch.setattr(engine.model, "forward", forward)
     silent = ReferenceClip(np.zeros(0, dtype=np.float32), "Nothing at all.")
-    runs = Staggered(engine)
+    runs = Staggered()
     runs.start("long", 0, lambda: engine.synthesize(text, long, on_frames=runs.count))
     runs.start("bad clip", 3, lambda: engine.synthesize(
         build_conversation("Hi", voice=silent), GREEDY))  # fmt: skip
@@ -307,7 +268,7 @@ def test_out_of_memory_in_a_decode_step_evicts_the_newest(
         return step(rows, length, settings)
 
     monkeypatch.setattr(engine, "step", failing_step)
-    runs = Staggered(engine)
+    runs = Staggered()
 
     def counted(frames: torch.Tensor) -> None:
         runs.count(frames)

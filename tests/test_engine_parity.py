@@ -11,20 +11,20 @@ layout (real token ids, pad = EOS, its generation config).
 from __future__ import annotations
 
 import io
-import threading
 
 import pytest
 import soundfile
 import torch
 from transformers import GenerationConfig
 
-from conftest import make_wav
 from higgs_runpod.request.prompts import build_conversation
 from higgs_runpod.request.voices import ReferenceClip
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.engine import Engine, SamplingParams, Synthesis
 from higgs_runpod.synthesis.streaming import DelayAligner
 from higgs_runpod.weights.tiny import make_tiny_model
+from support.audio import make_wav
+from support.engine import Staggered
 
 STEPS = 28
 GREEDY = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=STEPS)
@@ -119,30 +119,14 @@ def test_rows_that_joined_at_other_steps_equal_generate(any_engine: Engine) -> N
     conversations = prompts(any_engine)
     references = {name: generate_codes(any_engine, c, STEPS) for name, c in conversations.items()}
     joins = dict(zip(conversations, [2, 5, 9, 14], strict=True))
-    produced = {"frames": 0}
-    ready = {name: threading.Event() for name in conversations}
-
-    def long_frames(frames: torch.Tensor) -> None:
-        produced["frames"] += frames.shape[0]
-        for name, at in joins.items():
-            if produced["frames"] >= at:
-                ready[name].set()
-
-    results: dict[str, Synthesis] = {}
-
-    def run(name: str) -> None:
-        ready[name].wait(timeout=60)
-        results[name] = any_engine.synthesize(conversations[name], GREEDY)
-
-    threads = [threading.Thread(target=run, args=(name,)) for name in conversations]
-    for thread in threads:
-        thread.start()
+    runs = Staggered()
+    for name, at in joins.items():
+        runs.start(name, at, lambda c=conversations[name]: any_engine.synthesize(c, GREEDY))
     long = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=120)
     background = any_engine.synthesize(
-        build_conversation("A long one."), long, on_frames=long_frames
+        build_conversation("A long one."), long, on_frames=runs.count
     )
-    for thread in threads:
-        thread.join(timeout=120)
+    results = runs.join()
     assert background.generated_tokens == 120
     for name, reference in references.items():
         assert_same(results[name], reference)

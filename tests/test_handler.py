@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from higgs_runpod.fronts import runpod as handler_module
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.audio import decode
+from support.servers import free_port
 
 
 def run(worker: Worker, job_input: object) -> dict:

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import EncodeSpy, b64, make_wav
 from higgs_runpod.errors import VoiceExistsError
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.library import store as library
@@ -23,6 +22,8 @@ from higgs_runpod.library.store import NewVoice, VoiceStore, list_library
 from higgs_runpod.request.schema import parse_request
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.synthesis.engine import Engine
+from support.audio import b64, make_wav
+from support.engine import EncodeSpy
 
 CLIP = make_wav(seconds=1.0, freq=200.0)
 

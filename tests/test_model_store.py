@@ -1,6 +1,6 @@
 """Checkpoints on the volume: first download, many workers at once, crashes, corruption, offline.
 
-The real huggingface_hub client downloads from tests/hub_server.py on loopback (HF_ENDPOINT
+The real huggingface_hub client downloads from tests/support/hub_server.py on loopback (HF_ENDPOINT
 points at it), which serves the tiny checkpoint and counts every request and byte. Workers
 are separate processes running `higgs-runpod download` or `higgs-runpod serve`.
 """
@@ -25,7 +25,7 @@ from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.weights.checkpoints import check_dir, checkpoint_specs
 from higgs_runpod.weights.download import Manifest, file_problems
 from higgs_runpod.weights.model_store import MARKER, ensure_checkpoints, read_marker
-from hub_server import HubServer
+from support.hub_server import HubServer
 
 MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
@@ -255,7 +255,6 @@ def test_default_paths_follow_the_repos(tmp_path: Path, monkeypatch: pytest.Monk
         assert settings.tokenizer_path == tmp_path / "higgs-runpod" / TOKENIZER_REPO
 
 
-@pytest.mark.slow
 def test_hub_errors_fail_the_start_quickly_with_a_clear_message(
     tiny_hub: HubServer, tmp_path: Path
 ) -> None:

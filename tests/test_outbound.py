@@ -1,6 +1,6 @@
 """Caller-chosen URLs (outbound.py) and hostile reference clips (audio.py), on loopback.
 
-The payloads are tests/abuse_cases.py's, served by its HostileServer: a brotli bomb, a
+The payloads are tests/support/abuse_cases.py's, served by its HostileServer: a brotli bomb, a
 FLAC decoder bomb, an ffconcat playlist, a drip server. DNS rebinding is played by a
 resolver that answers differently the second time: a real DNS server is out of reach of
 the system resolver here, so `socket.getaddrinfo` is the one stand-in.
@@ -24,8 +24,6 @@ from typing import Any
 
 import pytest
 
-import abuse_cases
-from abuse_cases import HostileServer, b64, ffconcat, flac_bomb, rebinding, wait_for, wav
 from higgs_runpod.errors import RequestError
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.outbound import OutboundGuard, judged_address
@@ -33,6 +31,8 @@ from higgs_runpod.request.schema import CloneFromBase64, CloneFromUrl
 from higgs_runpod.request.voices import ReferenceClip, VoiceResolver
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.engine import Engine
+from support import abuse_cases
+from support.abuse_cases import HostileServer, b64, ffconcat, flac_bomb, rebinding, wait_for, wav
 
 FIELD = "voice.audio_url"
 LOOPBACK = {"ALLOW_HTTP_AUDIO_URLS": "1", "OUTBOUND_ALLOWED_NETWORKS": "127.0.0.1/32"}

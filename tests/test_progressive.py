@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import decoded
 from higgs_runpod.request.schema import AUDIO_FORMATS
 from higgs_runpod.synthesis.progressive import CONTENT_TYPES, ProgressiveEncoder, encode
+from support.audio import decoded
 
 RATE = 24_000
 TONE = (0.3 * np.sin(2 * np.pi * 220 * np.arange(2 * RATE) / RATE)).astype(np.float32)

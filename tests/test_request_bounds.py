@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from conftest import make_wav
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.audio import decode
 from higgs_runpod.synthesis.engine import Engine
+from support.audio import make_wav
 
 FORMATS = ("wav", "flac", "pcm", "mp3", "opus", "aac")
 EMPTY_IMPOSSIBLE = {"mp3", "opus", "aac"}  # an empty file of these does not decode

@@ -19,13 +19,12 @@ import soundfile
 from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
-from conftest import S3_KEY_ID, S3_SECRET
 from higgs_runpod.delivery.storage import Bucket, Storage, bucket_from_settings, object_key, upload
 from higgs_runpod.errors import RequestError
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.engine import Engine
-from s3store import AuthStore, StrictStore
+from support.s3store import S3_KEY_ID, S3_SECRET, AuthStore, StrictStore
 
 TEXT = {"text": "Hello from the bucket.", "seed": 7, "max_new_tokens": 40}
 
@@ -145,7 +144,7 @@ def test_per_request_s3config_overrides_environment(
     result = run(s3_worker, {"id": "job-cfg", "input": TEXT, "s3Config": s3_config})
 
     assert result["s3_uri"] == "s3://private/higgs-runpod/job-cfg.wav"
-    from s3store import s3_client
+    from support.s3store import s3_client
 
     client = s3_client(auth_store.url, auth_store.key_id, auth_store.secret)
     body = client.get_object(Bucket="private", Key="higgs-runpod/job-cfg.wav")["Body"].read()
@@ -221,7 +220,7 @@ def test_missing_bucket_fails_with_a_clear_message(
 def test_unreachable_store_fails_with_a_clear_message(
     engine: Engine, base_env: dict, s3_env: dict
 ) -> None:
-    from conftest import free_port
+    from support.servers import free_port
 
     env = {**base_env, **s3_env, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
     result = run(make_worker(engine, env), {"id": "j", "input": TEXT})
@@ -361,7 +360,7 @@ def test_an_endpoints_own_error_code_is_not_echoed(
 ) -> None:
     """A server that is not S3 answers with a code and a message of its own: the caller
     learns only that the store refused; the code stays in the log."""
-    from abuse_cases import HostileServer
+    from support.abuse_cases import HostileServer
 
     hostile = HostileServer()
     try:
@@ -386,7 +385,7 @@ def test_s3config_endpoint_is_judged_again_when_boto3_sends(
     connect to and refused; the server on 127.0.0.3 hears nothing."""
     import socket
 
-    from abuse_cases import HostileServer, rebinding
+    from support.abuse_cases import HostileServer, rebinding
 
     port = int(auth_store.url.rsplit(":", 1)[1])
     internal = HostileServer("127.0.0.3", port)

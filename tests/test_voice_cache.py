@@ -13,7 +13,6 @@ import pytest
 import soundfile
 import torch
 
-from conftest import EncodeSpy, b64, make_wav
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.request.prompts import build_conversation
 from higgs_runpod.request.voices import ReferenceClip
@@ -25,6 +24,8 @@ from higgs_runpod.synthesis.voice_cache import (
     VoiceCache,
     tokenizer_identity,
 )
+from support.audio import b64, make_wav
+from support.engine import EncodeSpy
 
 
 def _clip(freq: float = 220.0) -> np.ndarray:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import b64, make_wav
 from higgs_runpod.errors import RequestError
 from higgs_runpod.request.schema import CloneFromBase64, CloneFromUrl, DescribedVoice
 from higgs_runpod.request.voices import ReferenceClip, VoiceDescription, VoiceResolver, list_library
 from higgs_runpod.settings import Settings, load_settings
+from support.audio import b64, make_wav
 
 CLIP = make_wav(seconds=1.0)
 

@@ -1,6 +1,6 @@
 """A hostile HTTP client on a raw socket: it sends a request a few bytes at a time.
 
-Used by tests/test_http_hardening.py and bench/abuse.py. Real sockets on loopback, no
+Used by tests/e2e/test_http_hardening.py and bench/abuse.py. Real sockets on loopback, no
 library in between, so the server sees exactly what a slow or stalled client sends:
 
     SlowClient(port, head, body).start()  -> sends `head` (status line + headers) and `body`

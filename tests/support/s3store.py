@@ -33,6 +33,9 @@ from moto.moto_server.werkzeug_app import (
 from werkzeug.serving import make_server
 
 REGION = "us-east-1"
+# Distinctive fake credentials: tests grep outputs and logs for them.
+S3_KEY_ID = "AKIATESTKEYID7Q2X9Z"
+S3_SECRET = "sEcReT-do-not-print-4f9a1c"
 _REFUSED = (
     b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>NotImplemented</Code>"
     b"<Message>Header x-amz-checksum-* is not implemented</Message></Error>"

@@ -20,12 +20,12 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from conftest import ThreadServer, free_port
 from higgs_runpod.fronts.http_guard import listen_refusal
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.synthesis import audio
-from slow_client import SlowClient, request_head
+from support.servers import ThreadServer, free_port
+from support.slow_client import SlowClient, request_head
 
 KEY = "hardening-key-5309"
 BODY_TIMEOUT = 1.5

@@ -6,9 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CELLS = ["http/wav", "http/mp3", "http/opus", "websocket/wav", "websocket/mp3", "websocket/opus"]
 
 
@@ -25,7 +23,6 @@ def test_dry_run_lists_the_cells() -> None:
     assert result.stdout.splitlines() == ["cells: " + ", ".join(CELLS)]
 
 
-@pytest.mark.slow
 def test_quick_run_prints_a_figure_per_cell(tiny_checkpoint: tuple[Path, Path]) -> None:
     result = bench("--quick", "--checkpoint", *map(str, tiny_checkpoint), timeout=280)
     assert result.returncode == 0, result.stderr

@@ -19,14 +19,13 @@ from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import ThreadServer
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.fronts.speech_ws import STREAM_ROUTE, Segmenter
 from higgs_runpod.request.chunking import segment_end
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis import audio
+from support.servers import ThreadServer
 
-pytestmark = pytest.mark.slow
 KEY = "ws-key-1618"
 HOP = 960  # samples of one 40 ms frame at 24 kHz
 PIECES = ["Hello there. ", "This is the second ", "sentence, said ", "in pieces. And ", "the end."]

@@ -13,13 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import LocalServer, b64, make_wav
 from higgs_runpod.tools.client import ClientError, Endpoint
 from higgs_runpod.tools.library_client import Voices
-from test_cli import cli
-from test_http_openai_client import HttpServer
+from support.audio import b64, make_wav
+from support.cli import cli
+from support.servers import HttpServer, LocalServer
 
-pytestmark = pytest.mark.slow
 KEY = "voices-key-0123456789"
 AUTH = {"X-API-Key": KEY}
 CLIP = make_wav(seconds=1.0, freq=250.0)

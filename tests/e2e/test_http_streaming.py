@@ -17,12 +17,11 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ThreadServer, decoded
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.request.openai_schema import parse_openai_speech
 from higgs_runpod.settings import Settings
-
-pytestmark = pytest.mark.slow
+from support.audio import decoded
+from support.servers import ThreadServer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import io
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,32 +21,12 @@ import openai
 import pytest
 import soundfile
 
-from conftest import ServerProcess, free_port
 from higgs_runpod.synthesis import audio
+from support.servers import HttpServer
 
-pytestmark = pytest.mark.slow
 KEY = "test-key-0123456789"
 CHUNK_BYTES = 4096
 MAX_BODY = 200_000
-
-
-class HttpServer(ServerProcess):
-    """`higgs-runpod start` with WORKER_MODE=http: ready when /ping answers 200."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        port = free_port()
-        env = {**env, "WORKER_MODE": "http", "HTTP_HOST": "127.0.0.1", "PORT": str(port)}
-        super().__init__(["-m", "higgs_runpod.tools.cli", "start"], env, log_path, port)
-
-    def is_ready(self) -> bool:
-        return httpx.get(f"{self.url}/ping", timeout=1.0).status_code == 200
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", headers=AUTH).text
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench(script: str, *args: str, timeout: float) -> str:
@@ -29,7 +27,6 @@ def test_throughput_dry_run_prints_a_row_per_batch_size() -> None:
     assert re.search(r"measured/floor = [\d.]+", out), out
 
 
-@pytest.mark.slow
 def test_engine_mixed_quick_run_prints_every_figure() -> None:
     out = bench("engine_mixed.py", "--quick", timeout=280)
     for pattern in (r"one at a time .* p50 .* p95", r"as they arrive .* p50 .* p95",

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import LocalServer
 from higgs_runpod.container.health import check, mark_ready
+from support.servers import LocalServer
 
 
 def health(ready_file: Path) -> subprocess.CompletedProcess[str]:

@@ -13,13 +13,12 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import LocalServer, b64, decoded, make_wav
+from support.audio import b64, decoded, make_wav
+from support.servers import LocalServer
 
 FRAME_S = 0.04
 CLIP = make_wav(seconds=1.0, freq=180.0)
 CLIP2 = make_wav(seconds=1.2, freq=300.0)
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

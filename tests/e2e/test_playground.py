@@ -20,16 +20,16 @@ import pytest
 import uvicorn
 from pydantic import SecretStr
 
-from conftest import free_port, make_wav
 from higgs_runpod.fronts.http_api import create_app
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis.engine import Engine
+from support.audio import make_wav
+from support.servers import free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 KEY = "page-key-2718"
 
