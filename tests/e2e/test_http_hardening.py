@@ -2,7 +2,7 @@
 
 The server is the one `higgs-runpod http` runs (uvicorn with `http_guard.uvicorn_config`),
 in a thread of this process, on the real tiny model; the clients are raw sockets
-(tests/slow_client.py), httpx and the official `openai` package.
+(tests/support/slow_client.py), httpx and the official `openai` package.
 """
 
 from __future__ import annotations
