@@ -23,7 +23,7 @@ import time
 
 import httpx
 
-from higgs_runpod.delivery.storage import Plan, Storage
+from higgs_runpod.delivery.storage import Delivery, Storage
 from higgs_runpod.settings import load_settings
 from support.s3store import StrictStore
 
@@ -39,11 +39,11 @@ def timed(func, repeats: int) -> float:
 
 
 def measure(
-    storage: Storage, inline: Plan, s3: Plan, data: bytes, repeats: int
+    storage: Storage, inline: Delivery, s3: Delivery, data: bytes, repeats: int
 ) -> tuple[float, float, float]:
     """(inline, upload, download) median milliseconds for one payload."""
 
-    def deliver(plan: Plan) -> dict:
+    def deliver(plan: Delivery) -> dict:
         return asyncio.run(storage.deliver(plan, data, "wav", "bench"))
 
     url = deliver(s3)["audio_url"]

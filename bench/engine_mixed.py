@@ -41,6 +41,7 @@ from throughput import SHAPES
 from higgs_runpod.fronts.http_api import create_app
 from higgs_runpod.fronts.http_guard import uvicorn_config
 from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.weights.tiny import make_tiny_model
 
@@ -137,7 +138,7 @@ class ThreadedHTTP:
     """The HTTP API under uvicorn on loopback, in this process, over the same worker."""
 
     def __init__(self, settings: Settings, worker: Worker, port: int = 0) -> None:
-        self.server = uvicorn.Server(uvicorn_config(create_app(settings, worker), settings,
+        self.server = uvicorn.Server(uvicorn_config(create_app(settings, worker.service), settings,
                                                     "127.0.0.1", port))  # fmt: skip
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -199,14 +200,15 @@ def main(argv: list[str] | None = None) -> int:
             "MAX_BATCH_SIZE": str(max(args.jobs, 2)),
             "MAX_CONTEXT_TOKENS": str(max(1024, args.long_frames + 256)),
         })  # fmt: skip
-        worker = Worker(settings)
-        worker.engine.load()
-        params = sum(p.numel() for p in worker.engine.model.parameters())  # type: ignore[union-attr]
+        worker = Worker(SpeechService(settings))
+        engine = worker.service.engine
+        engine.load()
+        params = sum(p.numel() for p in engine.model.parameters())  # type: ignore[union-attr]
         inputs = mix(args.jobs, args.frames, args.chunk_frames)
         clones = sum("voice" in x for x in inputs)
         print(f"shape {args.shape} ({params / 1e6:.1f}M parameters) on the CPU; {args.jobs} "
               f"jobs of max_new_tokens={args.frames}, {clones} clones, one long text "
-              f"({args.chunk_frames} per chunk); engine slots {worker.engine.slots}")  # fmt: skip
+              f"({args.chunk_frames} per chunk); engine slots {engine.slots}")  # fmt: skip
         asyncio.run(as_they_arrive(worker, inputs[:2], 0.0))  # warm-up
         alone = report_mix("one at a time", *asyncio.run(one_at_a_time(worker, inputs)))
         arriving = report_mix("as they arrive", *asyncio.run(as_they_arrive(worker, inputs, 1.0)))

@@ -25,6 +25,7 @@ import torch
 
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.request.prompts import build_conversation
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import load_settings
 
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -32,7 +33,7 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 
 def bare_once(worker: Worker, steps: int) -> None:
     """What a script calling transformers directly would do for one request."""
-    model, processor = worker.engine.model, worker.engine.processor
+    model, processor = worker.service.engine.model, worker.service.engine.processor
     inputs = processor.apply_chat_template(
         build_conversation(TEXT),
         tokenize=True,
@@ -60,8 +61,8 @@ def main() -> None:
         settings = load_settings(
             {"MODEL_PATH": str(model_path), "TOKENIZER_PATH": str(tokenizer_path), "DEVICE": "cpu"}
         )
-        worker = Worker(settings)
-        worker.engine.load()
+        worker = Worker(SpeechService(settings))
+        worker.service.engine.load()
         job = {
             "id": "bench",
             "input": {

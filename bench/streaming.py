@@ -1,7 +1,7 @@
 """Streaming: time to first audio versus total time, and streaming's cost over one-shot.
 
 Runs the same seeded request (fixed length: the random models never end on their own)
-through `Worker.speak` (one-shot) and `Worker.stream`, on the tiny checkpoint and on a
+through `SpeechService.speak` (one-shot) and `SpeechService.stream`, on the tiny checkpoint and on a
 larger random model of the same architecture, on the CPU.
 
     .venv/bin/python bench/streaming.py [--frames 250] [--repeats 3]
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from transformers import HiggsAudioV2ForConditionalGeneration
 
-from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.request.schema import parse_request
+from higgs_runpod.service.results import Piece
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import load_settings
 
 TEXT = "Streaming lets a voice agent speak before the whole answer has been generated."
@@ -51,7 +52,7 @@ def larger_model(tiny_model: Path, target: Path) -> Path:
     return target
 
 
-def measure(worker: Worker, frames: int, repeats: int) -> dict[str, float]:
+def measure(worker: SpeechService, frames: int, repeats: int) -> dict[str, float]:
     job = {"text": TEXT, "seed": 1, "max_new_tokens": frames, "format": "pcm"}
     request = parse_request(job, worker.settings)
     stream_request = parse_request({**job, "stream": True}, worker.settings)
@@ -64,7 +65,7 @@ def measure(worker: Worker, frames: int, repeats: int) -> dict[str, float]:
     async def streamed() -> tuple[float, float]:
         start, first = time.perf_counter(), None
         async for item in worker.stream(stream_request):
-            if first is None and "audio_base64" in item:
+            if first is None and isinstance(item, Piece):
                 first = time.perf_counter() - start
         return first or 0.0, time.perf_counter() - start
 
@@ -97,7 +98,7 @@ def main() -> None:
         for name, path in models.items():
             env = {"MODEL_PATH": str(path), "TOKENIZER_PATH": str(Path(directory, "tokenizer")),
                    "DEVICE": "cpu"}  # fmt: skip
-            worker = Worker(load_settings(env))
+            worker = SpeechService(load_settings(env))
             worker.engine.load()
             params = worker.engine.model.num_parameters()
             r = measure(worker, args.frames, args.repeats)

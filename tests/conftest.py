@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.synthesis.engine import Engine
 from higgs_runpod.weights.tiny import make_tiny_model
@@ -69,8 +70,14 @@ def engine(settings: Settings) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def worker(settings: Settings, engine: Engine) -> Worker:
-    return Worker(settings, engine)
+def speech(settings: Settings, engine: Engine) -> SpeechService:
+    return SpeechService(settings, engine)
+
+
+@pytest.fixture(scope="session")
+def worker(speech: SpeechService) -> Worker:
+    """The RunPod queue front on the session's speech service."""
+    return Worker(speech)
 
 
 # --- S3: moto on loopback, and the settings of a worker that uploads to it ----------------

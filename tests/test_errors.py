@@ -23,6 +23,7 @@ from higgs_runpod.errors import OUT_OF_MEMORY
 from higgs_runpod.fronts.http_api import create_app
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.fronts.speech_ws import STREAM_ROUTE
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis.engine import Engine
 
@@ -34,8 +35,8 @@ def out_of_memory(*args: object, **kwargs: object) -> None:
 
 
 @pytest.fixture
-def client(settings: Settings, worker: Worker) -> Iterator[TestClient]:
-    with TestClient(create_app(settings.model_copy(update={"higgs_api_key": None}), worker)) as c:
+def client(settings: Settings, speech: SpeechService) -> Iterator[TestClient]:
+    with TestClient(create_app(settings.model_copy(update={"higgs_api_key": None}), speech)) as c:
         yield c
 
 

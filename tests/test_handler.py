@@ -10,6 +10,7 @@ import pytest
 
 from higgs_runpod.fronts import runpod as handler_module
 from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.audio import decode
 from support.servers import free_port
@@ -55,7 +56,7 @@ def test_internal_error_is_short_and_logged(
         raise RuntimeError("secret internal detail")
 
     with monkeypatch.context() as patch:
-        patch.setattr(worker.engine, "synthesize", broken)
+        patch.setattr(worker.service.engine, "synthesize", broken)
         output = run(worker, {"text": "Hello"})
     assert output == {
         "error": "internal error while generating speech (job job-1); "
@@ -82,7 +83,7 @@ def test_missing_model_fails_the_job_cleanly(tmp_path: Path) -> None:
             "HF_ENDPOINT": hub,
         }
     )
-    output = run(Worker(settings), {"text": "Hello"})
+    output = run(Worker(SpeechService(settings)), {"text": "Hello"})
     assert output["error"].startswith(
         f"could not download bosonai/higgs-audio-v2-generation-3B-base from {hub}"
     )

@@ -19,8 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from higgs_runpod.fronts.http_api import Service, create_app
-from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.fronts.http_api import create_app
+from higgs_runpod.fronts.http_state import Service
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis import audio
 from higgs_runpod.synthesis.engine import Engine
@@ -54,8 +55,8 @@ def speech_body(**fields: Any) -> dict[str, Any]:
     return {"model": "higgs-audio-v2", "input": "Hello.", "max_new_tokens": 40, **fields}
 
 
-def test_auth_off_every_route_answers(settings: Settings, worker: Worker) -> None:
-    app = create_app(settings, worker)
+def test_auth_off_every_route_answers(settings: Settings, speech: SpeechService) -> None:
+    app = create_app(settings, speech)
     assert get(app, "/ping").status_code == 200
     assert get(app, "/v1/models").json()["data"][0]["id"] == "higgs-audio-v2"
     assert "alice" in [v["id"] for v in get(app, "/v1/audio/voices").json()["voices"]]
@@ -67,8 +68,8 @@ def test_auth_off_every_route_answers(settings: Settings, worker: Worker) -> Non
     assert audio.decode(response.content, 24_000).duration_s > 0.5
 
 
-def test_playground_page_is_self_contained(settings: Settings, worker: Worker) -> None:
-    page = get(create_app(settings, worker), "/")
+def test_playground_page_is_self_contained(settings: Settings, speech: SpeechService) -> None:
+    page = get(create_app(settings, speech), "/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert 'fetch("v1/audio/speech"' in page.text
@@ -92,25 +93,25 @@ def ping_until(app: Any, wanted: int, timeout: float) -> list[int]:
 
 
 def test_ping_is_204_while_loading_then_200(settings: Settings) -> None:
-    app = create_app(settings, Worker(settings))  # a fresh engine, not loaded yet
+    app = create_app(settings, SpeechService(settings))  # a fresh engine, not loaded yet
     assert get(app, "/ping").status_code == 204
     assert set(ping_until(app, 200, timeout=60)) <= {204, 200}
 
 
 def test_ping_is_500_when_the_model_cannot_load(settings: Settings, tmp_path: Path) -> None:
     broken = settings.model_copy(update={"model_path": tmp_path / "missing"})
-    app = create_app(broken, Worker(broken))
+    app = create_app(broken, SpeechService(broken))
     assert set(ping_until(app, 500, timeout=30)) <= {204, 500}
 
 
 def test_lazy_load_is_ready_at_once(settings: Settings) -> None:
     lazy = settings.model_copy(update={"lazy_load": True})
-    assert get(create_app(lazy, Worker(lazy)), "/ping").status_code == 200
+    assert get(create_app(lazy, SpeechService(lazy)), "/ping").status_code == 200
 
 
-def test_body_over_the_limit_is_413(settings: Settings, worker: Worker) -> None:
+def test_body_over_the_limit_is_413(settings: Settings, speech: SpeechService) -> None:
     small = settings.model_copy(update={"http_max_body_bytes": 2048})
-    app = create_app(small, worker)
+    app = create_app(small, speech)
     response = post(app, "/v1/audio/speech", json=speech_body(input="x" * 3000))
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "body_too_large"
@@ -125,22 +126,24 @@ def test_body_over_the_limit_is_413(settings: Settings, worker: Worker) -> None:
     assert call(app, chunked).status_code == 413
 
 
-def test_body_that_is_not_json_is_400(settings: Settings, worker: Worker) -> None:
-    app = create_app(settings, worker)
+def test_body_that_is_not_json_is_400(settings: Settings, speech: SpeechService) -> None:
+    app = create_app(settings, speech)
     response = post(app, "/v1/audio/speech", content=b"{nope", headers=JSON_TYPE)
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_unknown_route_uses_the_openai_error_shape(settings: Settings, worker: Worker) -> None:
-    response = get(create_app(settings, worker), "/v1/chat/completions")
+def test_unknown_route_uses_the_openai_error_shape(
+    settings: Settings, speech: SpeechService
+) -> None:
+    response = get(create_app(settings, speech), "/v1/chat/completions")
     assert response.status_code == 404
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_saturated_worker_answers_429(settings: Settings, worker: Worker) -> None:
+def test_saturated_worker_answers_429(settings: Settings, speech: SpeechService) -> None:
     one = settings.model_copy(update={"http_max_in_flight": 1})
-    app = create_app(one, worker)
+    app = create_app(one, speech)
 
     async def run(client: httpx.AsyncClient) -> tuple[httpx.Response, httpx.Response]:
         long = asyncio.create_task(
@@ -169,7 +172,7 @@ class _FailingEngine(Engine):
 def test_internal_error_is_500_without_internals(settings: Settings, engine: Engine) -> None:
     failing = _FailingEngine(settings)
     failing.model, failing.processor = engine.model, engine.processor
-    app = create_app(settings, Worker(settings, failing))
+    app = create_app(settings, SpeechService(settings, failing))
     response = post(app, "/v1/audio/speech", json=speech_body())
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error"
@@ -178,8 +181,8 @@ def test_internal_error_is_500_without_internals(settings: Settings, engine: Eng
     assert get(app, "/ping").status_code == 200  # and the worker keeps serving
 
 
-def test_speed_stretches_the_audio(settings: Settings, worker: Worker) -> None:
-    app = create_app(settings, worker)
+def test_speed_stretches_the_audio(settings: Settings, speech: SpeechService) -> None:
+    app = create_app(settings, speech)
     lengths = {}
     for speed in (1.0, 2.0, 0.5):
         response = post(

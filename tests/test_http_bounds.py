@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from higgs_runpod.fronts.http_api import create_app
-from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.audio import decode
 from higgs_runpod.synthesis.engine import Engine
@@ -20,7 +20,7 @@ from higgs_runpod.synthesis.engine import Engine
 
 def app_with(base_env: dict[str, str], engine: Engine, **env: str) -> Any:
     settings = load_settings({**base_env, **env})
-    return create_app(settings, Worker(settings, engine))
+    return create_app(settings, SpeechService(settings, engine))
 
 
 def post(app: Any, **fields: Any) -> httpx.Response:

@@ -20,6 +20,7 @@ from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.library import store as library
 from higgs_runpod.library.store import NewVoice, VoiceStore, list_library
 from higgs_runpod.request.schema import parse_request
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.synthesis.engine import Engine
 from support.audio import b64, make_wav
@@ -29,7 +30,9 @@ CLIP = make_wav(seconds=1.0, freq=200.0)
 
 
 def library_worker(settings: Settings, engine: Engine, path: Path, **update: Any) -> Worker:
-    return Worker(settings.model_copy(update={"voices_path": path, **update}), engine)
+    return Worker(
+        SpeechService(settings.model_copy(update={"voices_path": path, **update}), engine)
+    )
 
 
 def run(worker: Worker, job_input: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +225,7 @@ def test_hand_copied_voices_are_listed_and_deleted(
     (voices / "dan.wav").write_bytes(CLIP)
     (voices / "dan.txt").write_text("I am Dan.\n")
     env = {**base_env, "VOICES_PATH": str(voices), "VOICE_CACHE_PATH": str(cache_dir)}
-    worker = Worker(load_settings(env))
+    worker = Worker(SpeechService(load_settings(env)))
     [listed] = run(worker, {"action": "voice.list"})["voices"]
     assert (listed["source"], listed["transcript"], listed["duration_s"]) == (
         "file",
@@ -244,7 +247,7 @@ def test_a_kept_take_is_a_voice_with_the_generated_codes(
     worker = library_worker(settings, engine, tmp_path)
     job = {"text": "Keep this one.", "seed": 4, "max_new_tokens": 40,
            "save_voice": {"name": "kept", "description": "A take.", "consent": "Mine."}}  # fmt: skip
-    speech = asyncio.run(worker.speak(parse_request(job, worker.settings)))
+    speech = asyncio.run(worker.service.speak(parse_request(job, worker.settings)))
     saved = speech.metadata()["saved_voice"]
     assert (saved["name"], saved["source"], saved["transcript"]) == (
         "kept",
@@ -290,7 +293,7 @@ def test_takes_that_cannot_be_kept_are_refused_before_generating(
     worker = library_worker(settings, engine, tmp_path)
     create(worker, "taken")
     generated: list[object] = []
-    monkeypatch.setattr(worker, "generate", lambda *args, **kw: generated.append(args))
+    monkeypatch.setattr(worker.service, "generate", lambda *args, **kw: generated.append(args))
     error = run(worker, {"save_voice": {"name": "new"}, **job})["error"]
     assert message in error
     assert generated == []

@@ -42,14 +42,14 @@ def speak(worker: Worker, **fields: Any) -> Any:
     request = parse_request(
         {"text": TEXT, "seed": 11, "max_new_tokens": 20, **fields}, worker.settings
     )
-    return asyncio.run(worker.speak(request))
+    return asyncio.run(worker.service.speak(request))
 
 
 @pytest.fixture()
 def spy(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> Spy:
-    recorder = Spy(worker.engine)
-    recorder.real = worker.engine.synthesize
-    monkeypatch.setattr(worker.engine, "synthesize", recorder)
+    recorder = Spy(worker.service.engine)
+    recorder.real = worker.service.engine.synthesize
+    monkeypatch.setattr(worker.service.engine, "synthesize", recorder)
     return recorder
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from higgs_runpod.errors import InsufficientSpaceError, ModelNotFoundError
 from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.weights.checkpoints import check_dir, checkpoint_specs
 from higgs_runpod.weights.download import Manifest, file_problems
@@ -108,7 +109,7 @@ def test_first_download_then_no_hub_request_and_the_hub_may_go_away(
     assert tiny_hub.counters.requests == [], "a complete checkpoint needs no hub request"
 
     tiny_hub.stop()
-    worker = Worker(settings)  # the real engine loads what was downloaded
+    worker = Worker(SpeechService(settings))  # the real engine loads what was downloaded
     result = asyncio.run(worker.handle({"id": "t", "input": {"text": "Hi.", "seed": 1}}))
     assert "error" not in result and result["audio_base64"]
 
@@ -133,7 +134,7 @@ def test_four_workers_at_once_download_each_file_once(
     assert sum("downloaded," in out for _, out, _ in results) >= 1
     settings = load_settings(env)
     assert_verified(settings)
-    Worker(settings).engine.load()
+    SpeechService(settings).engine.load()
 
 
 def test_a_download_killed_midway_is_finished_by_the_next_worker(

@@ -29,6 +29,7 @@ from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.outbound import OutboundGuard, judged_address
 from higgs_runpod.request.schema import CloneFromBase64, CloneFromUrl
 from higgs_runpod.request.voices import ReferenceClip, VoiceResolver
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.engine import Engine
 from support import abuse_cases
@@ -257,8 +258,8 @@ def _threads_in_downloads() -> list[str]:
 def test_cancelled_job_closes_its_download_and_leaves_no_thread(
     engine: Engine, base_env: dict, hostile: HostileServer
 ) -> None:
-    worker = Worker(load_settings({**base_env, **LOOPBACK, "AUDIO_URL_TIMEOUT_S": "30",
-                                   "AUDIO_URL_MIN_BYTES_PER_S": "0"}), engine)  # fmt: skip
+    worker = Worker(SpeechService(load_settings({**base_env, **LOOPBACK, "AUDIO_URL_TIMEOUT_S": "30",
+                                                 "AUDIO_URL_MIN_BYTES_PER_S": "0"}), engine))  # fmt: skip
     drip = next(case for case in abuse_cases.cases(hostile.url) if case.name == "drip-download")
     job = {"id": "j", "input": drip.input}
     baseline = threading.active_count()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.audio import decode
 from higgs_runpod.synthesis.engine import Engine
@@ -26,7 +27,7 @@ EMPTY_IMPOSSIBLE = {"mp3", "opus", "aac"}  # an empty file of these does not dec
 
 
 def worker_with(base_env: dict[str, str], engine: Engine, **env: str) -> Worker:
-    return Worker(load_settings({**base_env, **env}), engine)
+    return Worker(SpeechService(load_settings({**base_env, **env}), engine))
 
 
 def run(worker: Worker, job_input: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""`Worker.speak(request, cancel=event)`: setting the event stops generation at the next decode step
-(the real tiny model), which is how an HTTP client that disconnects frees the engine."""
+"""`SpeechService.speak(request, cancel=event)`: setting the event stops generation at the
+next decode step (the real tiny model), which is how an HTTP client that disconnects frees
+the engine."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ def test_cancel_stops_a_long_generation(worker: Worker, settings: Settings) -> N
     threading.Timer(0.5, cancel.set).start()
     started = time.perf_counter()
     with pytest.raises(GenerationCancelled, match="decode steps"):
-        asyncio.run(worker.speak(request, cancel=cancel))
+        asyncio.run(worker.service.speak(request, cancel=cancel))
     assert time.perf_counter() - started < 15.0  # all 2048 steps take ~40 s on this CPU
 
 
 def test_without_cancel_speak_is_unchanged(worker: Worker, settings: Settings) -> None:
     request = parse_request({"text": "Hi.", "seed": 2, "max_new_tokens": 30}, settings)
-    speech = asyncio.run(worker.speak(request, cancel=threading.Event()))
+    speech = asyncio.run(worker.service.speak(request, cancel=threading.Event()))
     assert speech.duration_s > 0

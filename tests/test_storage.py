@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from higgs_runpod.delivery.storage import Bucket, Storage, bucket_from_settings, object_key, upload
 from higgs_runpod.errors import RequestError
 from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.engine import Engine
 from support.s3store import S3_KEY_ID, S3_SECRET, AuthStore, StrictStore
@@ -30,7 +31,7 @@ TEXT = {"text": "Hello from the bucket.", "seed": 7, "max_new_tokens": 40}
 
 
 def make_worker(engine: Engine, env: dict[str, str]) -> Worker:
-    return Worker(load_settings(env), engine)
+    return Worker(SpeechService(load_settings(env), engine))
 
 
 def run(worker: Worker, job: dict) -> dict:

@@ -54,10 +54,11 @@ def test_pieces_join_into_the_one_shot_decode(engine: Engine, piece: int) -> Non
 
 
 def collect(worker: Worker, job_input: dict[str, Any]) -> tuple[list[dict], list[float]]:
+    """A stream job's outputs as RunPod gets them, and when each came."""
+
     async def run() -> tuple[list[dict], list[float]]:
-        request = parse_request(job_input, worker.settings)
         items, times, start = [], [], time.perf_counter()
-        async for item in worker.stream(request):
+        async for item in worker.handle_stream({"id": "s", "input": job_input}):
             items.append(item)
             times.append(time.perf_counter() - start)
         return items, times
@@ -74,7 +75,7 @@ def test_stream_joins_into_the_non_streamed_audio(worker: Worker) -> None:
     }
     items, times = collect(worker, {**job, "stream": True})
     *pieces, summary = items
-    whole = asyncio.run(worker.speak(parse_request(job, worker.settings)))
+    whole = asyncio.run(worker.service.speak(parse_request(job, worker.settings)))
     streamed = b"".join(base64.b64decode(p["audio_base64"]) for p in pieces)
     difference = np.frombuffer(streamed, "<i2").astype(int) - np.frombuffer(whole.audio, "<i2")
     assert np.abs(difference).max() == 0  # decoded in the same pieces, encoded alike
@@ -104,9 +105,9 @@ def test_cancelled_job_stops_generating_and_the_next_job_runs(worker: Worker) ->
         return cancelled_at
 
     cancelled_at = asyncio.run(run())
-    while worker.engine.running and time.perf_counter() - cancelled_at < 2.0:
+    while worker.service.engine.running and time.perf_counter() - cancelled_at < 2.0:
         time.sleep(0.01)
-    assert worker.engine.running == 0, "generation did not stop"
+    assert worker.service.engine.running == 0, "generation did not stop"
     output = asyncio.run(
         worker.handle({"id": "next", "input": {"text": "Next.", "max_new_tokens": 10}})
     )
@@ -120,6 +121,6 @@ def test_progress_counts_chunks_and_frames(worker: Worker) -> None:
         "max_new_tokens": 15,
         "chunking": {"method": "word", "max_words": 10},
     }
-    asyncio.run(worker.speak(parse_request(job, worker.settings), progress=reports.append))
+    asyncio.run(worker.service.speak(parse_request(job, worker.settings), progress=reports.append))
     assert reports[0] == {"chunk": 1, "chunks": 2, "frames": 0}
     assert reports[-1]["chunk"] == 2

@@ -16,6 +16,7 @@ import torch
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.request.prompts import build_conversation
 from higgs_runpod.request.voices import ReferenceClip
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.engine import Engine, SamplingParams
 from higgs_runpod.synthesis.voice_cache import (
@@ -85,10 +86,10 @@ def test_library_voices_are_encoded_at_start_up(
     base_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = _engine(base_env, tmp_path)
-    worker = Worker(engine.settings, engine)
-    assert worker.warm_voices() == 1  # the library holds `alice`
+    service = SpeechService(engine.settings, engine)
+    assert service.warm_voices() == 1  # the library holds `alice`
     spy = EncodeSpy(engine, monkeypatch)
-    clip = worker.voices.resolve("alice", "voice")
+    clip = service.voices.resolve("alice", "voice")
     assert isinstance(clip, ReferenceClip)
     engine.clip_codes(clip.samples)
     assert spy.calls == 0
@@ -184,13 +185,13 @@ def test_a_worker_checks_cache_files_against_its_model(
         "max_new_tokens": 4,
         "voice": {"audio_base64": b64(clip), "transcript": "t"},
     }
-    worker = Worker(_engine(base_env, tmp_path).settings)
+    worker = Worker(SpeechService(_engine(base_env, tmp_path).settings))
     assert asyncio.run(worker.handle({"input": job}))["voice_codes"]["encoded"] == 1
     [file] = tmp_path.rglob("*.pt")
     good = torch.load(file, weights_only=True)
     torch.save(torch.full_like(good, 10**6), file)
-    again = Worker(worker.settings)
-    spy = EncodeSpy(again.engine, monkeypatch)
+    again = Worker(SpeechService(worker.settings))
+    spy = EncodeSpy(again.service.engine, monkeypatch)
     output = asyncio.run(again.handle({"input": job}))
     assert output["voice_codes"]["encoded"] == 1 and spy.calls == 1
     assert torch.equal(torch.load(file, weights_only=True), good)  # rewritten

@@ -21,7 +21,7 @@ import pytest
 from pydantic import SecretStr
 
 from higgs_runpod.fronts.http_guard import listen_refusal
-from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings, load_settings
 from higgs_runpod.synthesis import audio
 from support.servers import ThreadServer, free_port
@@ -33,15 +33,15 @@ HEADER_TIMEOUT = 1.0
 JSON = {"Content-Type": "application/json"}
 
 
-def serve(settings: Settings, worker: Worker, **overrides: Any) -> ThreadServer:
+def serve(settings: Settings, speech: SpeechService, **overrides: Any) -> ThreadServer:
     update = {"http_body_timeout_s": BODY_TIMEOUT, "http_header_timeout_s": HEADER_TIMEOUT,
               "higgs_api_key": None, **overrides}  # fmt: skip
-    return ThreadServer(settings.model_copy(update=update), worker)
+    return ThreadServer(settings.model_copy(update=update), speech)
 
 
 @pytest.fixture
-def server(settings: Settings, worker: Worker) -> Iterator[ThreadServer]:
-    running = serve(settings, worker, http_max_in_flight=4)
+def server(settings: Settings, speech: SpeechService) -> Iterator[ThreadServer]:
+    running = serve(settings, speech, http_max_in_flight=4)
     yield running
     running.stop()
 
@@ -98,8 +98,8 @@ def test_slow_and_idle_headers_are_cut_off(server: ThreadServer) -> None:
         assert client.get(f"{server.url}/ping").status_code == 200
 
 
-def test_connections_beyond_the_bound_get_503(settings: Settings, worker: Worker) -> None:
-    running = serve(settings, worker, http_max_connections=3)
+def test_connections_beyond_the_bound_get_503(settings: Settings, speech: SpeechService) -> None:
+    running = serve(settings, speech, http_max_connections=3)
     try:
         idle = [SlowClient(running.port, b"").start() for _ in range(3)]
         time.sleep(0.2)
@@ -145,12 +145,12 @@ def test_json_with_a_charset_is_accepted(server: ThreadServer) -> None:
 # --- keys and headers -------------------------------------------------------------------------
 
 
-def keyed(settings: Settings, worker: Worker, **overrides: Any) -> ThreadServer:
-    return serve(settings, worker, higgs_api_key=SecretStr(KEY), **overrides)
+def keyed(settings: Settings, speech: SpeechService, **overrides: Any) -> ThreadServer:
+    return serve(settings, speech, higgs_api_key=SecretStr(KEY), **overrides)
 
 
-def test_x_api_key_and_bearer_off_runpod(settings: Settings, worker: Worker) -> None:
-    running = keyed(settings, worker)
+def test_x_api_key_and_bearer_off_runpod(settings: Settings, speech: SpeechService) -> None:
+    running = keyed(settings, speech)
     try:
         url = f"{running.url}/v1/audio/voices"
         assert httpx.get(url, headers={"X-API-Key": KEY}).status_code == 200
@@ -163,11 +163,11 @@ def test_x_api_key_and_bearer_off_runpod(settings: Settings, worker: Worker) -> 
 
 
 def test_behind_runpods_gateway_the_key_goes_in_x_api_key(
-    settings: Settings, worker: Worker
+    settings: Settings, speech: SpeechService
 ) -> None:
     """RunPod's gateway takes `Authorization: Bearer RUNPOD_API_KEY`; the worker's own key
     then travels in X-API-Key, which the openai SDK sends as a default header."""
-    running = keyed(settings, worker, runpod_endpoint_id="ep123")
+    running = keyed(settings, speech, runpod_endpoint_id="ep123")
     try:
         bearer = httpx.get(f"{running.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
         assert bearer.status_code == 401
@@ -191,8 +191,8 @@ def test_behind_runpods_gateway_the_key_goes_in_x_api_key(
         running.stop()
 
 
-def test_bearer_can_be_switched_off(settings: Settings, worker: Worker) -> None:
-    running = keyed(settings, worker, http_bearer_auth="off")
+def test_bearer_can_be_switched_off(settings: Settings, speech: SpeechService) -> None:
+    running = keyed(settings, speech, http_bearer_auth="off")
     try:
         url = f"{running.url}/v1/models"
         assert httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
@@ -234,7 +234,7 @@ def test_a_load_failure_does_not_show_the_checkpoint_path(
 ) -> None:
     missing = tmp_path / "secret-checkpoint-dir"
     broken = settings.model_copy(update={"model_path": missing, "lazy_load": True})
-    running = serve(broken, Worker(broken))
+    running = serve(broken, SpeechService(broken))
     try:
         response = httpx.post(f"{running.url}/v1/audio/speech", json=speech(), timeout=60)
         assert response.status_code == 500

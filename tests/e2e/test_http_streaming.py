@@ -17,16 +17,16 @@ import httpx
 import numpy as np
 import pytest
 
-from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.request.openai_schema import parse_openai_speech
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
 from support.audio import decoded
 from support.servers import ThreadServer
 
 
 @pytest.fixture(scope="module")
-def server(settings: Settings, worker: Worker) -> Iterator[ThreadServer]:
-    running = ThreadServer(settings.model_copy(update={"higgs_api_key": None}), worker)
+def server(settings: Settings, speech: SpeechService) -> Iterator[ThreadServer]:
+    running = ThreadServer(settings.model_copy(update={"higgs_api_key": None}), speech)
     yield running
     running.stop()
 
@@ -43,12 +43,12 @@ def body(audio_format: str, speed: float) -> dict[str, Any]:
      ("mp3", 1.5), ("opus", 0.8)],
 )  # fmt: skip
 def test_every_format_streams_and_joins_into_the_whole_file(
-    server: ThreadServer, settings: Settings, worker: Worker, audio_format: str, speed: float
+    server: ThreadServer, settings: Settings, speech: SpeechService, audio_format: str, speed: float
 ) -> None:
     """The first piece comes while the engine still generates; every prefix ending at a
     piece decodes, longer each time; joined, the pieces decode to the non-streamed file's
     samples (the same count, within one 16-bit step)."""
-    engine = worker.engine
+    engine = speech.engine
     pieces: list[bytes] = []
     generating_at_first_piece = None
     request = {**body(audio_format, speed), "stream_format": "sse"}
@@ -71,7 +71,7 @@ def test_every_format_streams_and_joins_into_the_whole_file(
     assert lengths[0] > 0 and lengths == sorted(lengths)
 
     parsed = parse_openai_speech(body(audio_format, speed), settings)
-    whole = asyncio.run(worker.speak(parsed.request)).audio
+    whole = asyncio.run(speech.speak(parsed.request)).audio
     streamed, plain = (
         decoded(b"".join(pieces), audio_format, rate),
         decoded(whole, audio_format, rate),

@@ -21,7 +21,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from higgs_runpod.fronts.http_api import create_app
-from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis.engine import Engine
 from support.audio import make_wav
@@ -35,23 +35,23 @@ KEY = "page-key-2718"
 
 
 @pytest.fixture(scope="module")
-def page_url(settings: Settings, worker: Worker) -> Iterator[str]:
-    yield from serve_page(settings, worker)
+def page_url(settings: Settings, speech: SpeechService) -> Iterator[str]:
+    yield from serve_page(settings, speech)
 
 
 @pytest.fixture(scope="module")
-def keyed_page_url(settings: Settings, worker: Worker) -> Iterator[str]:
+def keyed_page_url(settings: Settings, speech: SpeechService) -> Iterator[str]:
     """A server behind RunPod's gateway (no Bearer form): the page must send X-API-Key."""
     keyed = settings.model_copy(
         update={"higgs_api_key": SecretStr(KEY), "runpod_endpoint_id": "ep-test"}
     )
-    yield from serve_page(keyed, worker)
+    yield from serve_page(keyed, speech)
 
 
-def serve_page(settings: Settings, worker: Worker) -> Iterator[str]:
+def serve_page(settings: Settings, speech: SpeechService) -> Iterator[str]:
     port = free_port()
     config = uvicorn.Config(
-        create_app(settings, worker), host="127.0.0.1", port=port, log_level="warning"
+        create_app(settings, speech), host="127.0.0.1", port=port, log_level="warning"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -220,7 +220,7 @@ def test_the_library_upload_keep_and_delete(
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
-            with contextmanager(serve_page)(own, Worker(own, engine)) as url:
+            with contextmanager(serve_page)(own, SpeechService(own, engine)) as url:
                 page = browser.new_page()
                 page.goto(url)
                 library = page.locator("#library")

@@ -19,9 +19,9 @@ from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.fronts.speech_ws import STREAM_ROUTE, Segmenter
 from higgs_runpod.request.chunking import segment_end
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis import audio
 from support.servers import ThreadServer
@@ -89,8 +89,8 @@ def ws_url(server: ThreadServer) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(settings: Settings, worker: Worker) -> Iterator[ThreadServer]:
-    running = ThreadServer(settings.model_copy(update={"higgs_api_key": None}), worker)
+def server(settings: Settings, speech: SpeechService) -> Iterator[ThreadServer]:
+    running = ThreadServer(settings.model_copy(update={"higgs_api_key": None}), speech)
     yield running
     running.stop()
 
@@ -187,12 +187,12 @@ def test_bad_config_is_a_clear_error_and_a_closed_socket(
     assert not received.audio
 
 
-def test_bad_messages_and_text_over_the_limits(settings: Settings, worker: Worker) -> None:
+def test_bad_messages_and_text_over_the_limits(settings: Settings, speech: SpeechService) -> None:
     limited = settings.model_copy(update={
         "higgs_api_key": None, "ws_max_message_chars": 40, "ws_max_buffered_chars": 60,
         "ws_max_session_frames": 12, "ws_idle_timeout_s": 0.5,
     })  # fmt: skip
-    server = ThreadServer(limited, worker)
+    server = ThreadServer(limited, speech)
     url = ws_url(server)
     cases = [
         (
@@ -221,9 +221,9 @@ def test_bad_messages_and_text_over_the_limits(settings: Settings, worker: Worke
         server.stop()
 
 
-def test_a_sessions_text_is_bounded_in_all(settings: Settings, worker: Worker) -> None:
+def test_a_sessions_text_is_bounded_in_all(settings: Settings, speech: SpeechService) -> None:
     limited = settings.model_copy(update={"higgs_api_key": None, "max_long_text_chars": 50})
-    server = ThreadServer(limited, worker)
+    server = ThreadServer(limited, speech)
     try:
         received, _ = run(
             session(ws_url(server), [config(), {"text": "a " * 20}, {"text": "b " * 8}])
@@ -236,8 +236,8 @@ def test_a_sessions_text_is_bounded_in_all(settings: Settings, worker: Worker) -
         server.stop()
 
 
-def test_key_by_header_or_subprotocol(settings: Settings, worker: Worker) -> None:
-    server = ThreadServer(settings.model_copy(update={"higgs_api_key": SecretStr(KEY)}), worker)
+def test_key_by_header_or_subprotocol(settings: Settings, speech: SpeechService) -> None:
+    server = ThreadServer(settings.model_copy(update={"higgs_api_key": SecretStr(KEY)}), speech)
     messages = [config(), {"text": "Keyed."}, {"close": True}]
     try:
         refused, _ = run(session(ws_url(server), messages, subprotocols=["wrong-key"]))
@@ -252,7 +252,7 @@ def test_key_by_header_or_subprotocol(settings: Settings, worker: Worker) -> Non
 
 
 def test_disconnect_mid_stream_stops_generation(server: ThreadServer) -> None:
-    engine = server.service.worker.engine
+    engine = server.service.speech.engine
     metrics = server.service.metrics.registry
     cancelled = metrics.get_sample_value("higgs_speech_cancelled_total")
 

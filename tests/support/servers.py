@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from higgs_runpod.fronts.http_api import Service, create_app
+from higgs_runpod.fronts.http_api import create_app
 from higgs_runpod.fronts.http_guard import uvicorn_config
-from higgs_runpod.fronts.runpod import Worker
+from higgs_runpod.fronts.http_state import Service
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
 
 
@@ -74,10 +75,10 @@ class ServerProcess:
 class ThreadServer:
     """`create_app` under uvicorn with the CLI's config, on a free loopback port."""
 
-    def __init__(self, settings: Settings, worker: Worker) -> None:
+    def __init__(self, settings: Settings, speech: SpeechService) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(settings, worker)
+        self.app = create_app(settings, speech)
         self.server = uvicorn.Server(uvicorn_config(self.app, settings, "127.0.0.1", self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

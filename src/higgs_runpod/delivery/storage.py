@@ -1,7 +1,7 @@
 """Where a job's audio goes: base64 inline in the response, or an object in an S3 bucket.
 
-    request.output + job["s3Config"] --Storage.plan (before any model work)--> Plan
-    Plan + encoded audio --Storage.deliver--> the response's audio fields
+    request.output + job["s3Config"] --Storage.plan (before any model work)--> Delivery
+    Delivery + encoded audio --Storage.deliver--> the response's audio fields
 
 RunPod caps what a job may return (about 10 MB through `/run`, 20 MB through `/runsync`),
 so long audio has to go to a bucket. The bucket comes from the worker's environment
@@ -77,7 +77,7 @@ class Bucket:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Delivery:
     """How one job's audio leaves the worker; `bucket` is None when there is none to use."""
 
     output: Literal["inline", "s3"]
@@ -103,7 +103,7 @@ class Storage:
         else:
             log.info("S3 output is off (no S3_BUCKET): audio is returned inline")
 
-    def plan(self, output: str | None, s3_config: Any) -> Plan:
+    def plan(self, output: str | None, s3_config: Any) -> Delivery:
         """Choose the delivery for one job, or raise `RequestError` before any model work."""
         bucket = self.bucket
         if s3_config is not None:
@@ -112,10 +112,10 @@ class Storage:
             raise RequestError("output", f"s3 needs a bucket: {self._how_to_configure()}")
         if output is None:
             output = "s3" if bucket is not None else "inline"
-        return Plan(output="s3" if output == "s3" else "inline", bucket=bucket)
+        return Delivery(output="s3" if output == "s3" else "inline", bucket=bucket)
 
     async def deliver(
-        self, plan: Plan, data: bytes, fmt: str, job_id: str | None
+        self, plan: Delivery, data: bytes, fmt: str, job_id: str | None
     ) -> dict[str, Any]:
         """The response's audio fields: inline base64, or where the uploaded object is."""
         limit = self.settings.max_inline_audio_bytes

@@ -1,8 +1,9 @@
 """OpenAI-compatible speech API over HTTP (RunPod load-balancing endpoints, or any host).
 
-The HTTP layer only translates; the audio comes from the same `Worker.speak` as a queue job:
+The HTTP layer only translates; the audio comes from the same speech service as a queue
+job's (service/), as raw bytes:
 
-    POST /v1/audio/speech --openai_schema--> SpeechRequest --Worker.stream--> pieces
+    POST /v1/audio/speech --openai_schema--> SpeechRequest --SpeechService.stream--> pieces
          --AudioStream--> chunked audio bytes, or SSE speech.audio.delta / speech.audio.done
     GET /v1/audio/speech/stream (WebSocket): text in as it is written, audio out (speech_ws)
 
@@ -30,9 +31,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from higgs_runpod.container.health import mark_ready
 from higgs_runpod.errors import (
-    ApiError,
     ClientGone,
     HiggsRunpodError,
     RequestError,
@@ -47,8 +46,8 @@ from higgs_runpod.fronts.http_guard import (
     require_json,
 )
 from higgs_runpod.fronts.http_metrics import CONTENT_TYPE, CountRequests, Metrics
+from higgs_runpod.fronts.http_state import Service
 from higgs_runpod.fronts.http_voices import VOICES_ROUTE, voice_router
-from higgs_runpod.fronts.runpod import Worker, within
 from higgs_runpod.fronts.speech_ws import STREAM_ROUTE, speech_stream
 from higgs_runpod.request.openai_schema import (
     MODEL_ALIASES,
@@ -57,6 +56,9 @@ from higgs_runpod.request.openai_schema import (
     parse_openai_speech,
 )
 from higgs_runpod.request.schema import SpeechRequest
+from higgs_runpod.service.deadline import within
+from higgs_runpod.service.results import Piece
+from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis import audio
 
@@ -66,63 +68,10 @@ SPEECH_ROUTE = "/v1/audio/speech"
 ROUTES = frozenset({"/", "/ping", "/metrics", "/v1/models", VOICES_ROUTE, SPEECH_ROUTE})
 
 
-class Service:
-    """The worker plus what the HTTP side keeps: admission count, metrics, load state."""
-
-    def __init__(self, settings: Settings, worker: Worker) -> None:
-        self.settings = settings
-        self.worker = worker
-        self.metrics = Metrics()
-        self.in_flight = 0
-        self.load_failed = False
-
-    def start_loading(self) -> asyncio.Future[None] | None:
-        """Load the model in the background so /ping can answer 204 meanwhile.
-
-        It loads on the worker's engine thread, where generation runs too (see Worker).
-        """
-        if self.settings.lazy_load or self.worker.engine.is_loaded:
-            return None
-
-        def load() -> None:
-            try:
-                log.info("model loaded in %.1f s", self.worker.engine.load())
-                mark_ready(self.settings.ready_file)  # the image's health check reads it
-            except Exception:
-                self.load_failed = True
-                log.exception("loading the model failed")
-
-        return asyncio.ensure_future(self.worker.on_engine_thread(load))
-
-    @property
-    def ready(self) -> bool:
-        return self.settings.lazy_load or self.worker.engine.is_loaded
-
-    def admit(self) -> None:
-        """Take one of HTTP_MAX_IN_FLIGHT places for a speech request, or refuse with 429."""
-        if self.in_flight >= self.settings.http_max_in_flight:
-            self.metrics.rejected.inc()
-            raise ApiError(
-                429,
-                f"the worker is busy ({self.in_flight} requests in flight); retry shortly",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-            )
-        self._count(+1)
-
-    def release(self) -> None:
-        self._count(-1)
-
-    def _count(self, delta: int) -> None:
-        self.in_flight += delta
-        self.metrics.in_flight.set(self.in_flight)
-        self.metrics.queue_depth.set(max(self.in_flight - self.worker.engine.slots, 0))
-
-
 class AudioStream:
     """One request's encoded audio, handed out in pieces as the engine delivers it.
 
-    Every format and speed streams from the engine (`Worker.stream`, progressive.py):
+    Every format and speed streams from the engine (`SpeechService.stream`, progressive.py):
     pieces leave as frames complete, so the first byte comes after STREAM_FIRST_FRAMES
     frames, and the joined pieces are the file a queue job returns for the same request.
 
@@ -132,15 +81,15 @@ class AudioStream:
     """
 
     def __init__(
-        self, worker: Worker, request: SpeechRequest, on_close: Callable[[], None]
+        self, speech: SpeechService, request: SpeechRequest, on_close: Callable[[], None]
     ) -> None:
-        self.worker = worker
+        self.speech = speech
         self.seed = request.seed if request.seed is not None else random.randrange(2**32)
         self.request = request.model_copy(update={"seed": self.seed, "stream": True})
         self.on_close = on_close
         self.cancel = threading.Event()
         self.usage: dict[str, int] | None = None  # known once the audio is complete
-        self.summary: dict[str, Any] = {}  # the worker's summary, once the audio is complete
+        self.summary: dict[str, Any] = {}  # the stream's metadata, once the audio is complete
         self.duration_s = 0.0
         self.first_audio_s: float | None = None
         self._started = time.perf_counter()
@@ -161,23 +110,24 @@ class AudioStream:
             await self._pieces.aclose()
 
     async def _generate(self) -> AsyncGenerator[bytes, None]:
-        timeout_s = self.worker.settings.request_timeout_s
+        timeout_s = self.speech.settings.request_timeout_s
         try:
-            pieces = self.worker.stream(self.request, cancel=self.cancel)
+            pieces = self.speech.stream(self.request, cancel=self.cancel)
             async for item in within(timeout_s, pieces):
-                if "audio_base64" in item:
-                    yield base64.b64decode(item["audio_base64"])
+                if isinstance(item, Piece):
+                    yield item.audio
                 else:
-                    self.usage, self.duration_s = item["usage"], item["duration_s"]
-                    self.summary = item
+                    self.summary = item.metadata
+                    self.usage, self.duration_s = self.summary["usage"], self.summary["duration_s"]
         finally:
             self.on_close()
 
 
-def create_app(settings: Settings, worker: Worker | None = None) -> CountRequests:
+def create_app(settings: Settings, speech: SpeechService | None = None) -> CountRequests:
     """The ASGI app (FastAPI inside the request counter; its `.app.state.service` holds the
-    worker); `worker` defaults to one built from `settings` (the model loads at start)."""
-    service = Service(settings, worker or Worker(settings))
+    speech service); `speech` defaults to one built from `settings` (the model loads at
+    start)."""
+    service = Service(settings, speech or SpeechService(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -192,69 +142,8 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         openapi_url=None,
     )
     app.state.service = service
-    api = APIRouter(dependencies=[Depends(authorize)])
-
-    @app.get("/", include_in_schema=False)
-    async def playground() -> HTMLResponse:
-        page = resources.files(__package__).joinpath("static/playground.html")
-        return HTMLResponse(page.read_text(encoding="utf-8"))
-
-    @app.get("/ping")
-    async def ping() -> Response:
-        """RunPod's health contract: 200 ready, 204 still loading, 500 unusable."""
-        if service.load_failed:
-            return Response(status_code=500)
-        service.metrics.model_loaded.set(1 if service.worker.engine.is_loaded else 0)
-        return Response(status_code=200 if service.ready else 204)
-
-    @api.get("/metrics")
-    async def metrics() -> Response:
-        service.metrics.model_loaded.set(1 if service.worker.engine.is_loaded else 0)
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
-
-    @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        ids = (MODEL_ID, *MODEL_ALIASES)
-        data = [{"id": i, "object": "model", "created": 0, "owned_by": "bosonai"} for i in ids]
-        return {"object": "list", "data": data}
-
-    @api.post(SPEECH_ROUTE, dependencies=[Depends(require_json)])
-    async def speech(request: Request) -> Response:
-        service.admit()  # before the body: a slow sender holds a place, and only for so long
-        try:
-            limit, timeout_s = settings.http_max_body_bytes, settings.http_body_timeout_s
-            parsed = parse_openai_speech(await read_json(request, limit, timeout_s), settings)
-        except BaseException:
-            service.release()
-            raise
-        stream = AudioStream(service.worker, parsed.request, service.release)
-        started = time.perf_counter()
-        try:
-            first = await _first_piece(stream, request, service.metrics)
-        except RequestError as error:  # found while planning: voices, chunks, prompt
-            return error_response(in_openai_terms(error), SPEECH_ROUTE)
-        except Exception as error:  # answered here: a bug's traceback is logged once
-            return error_response(error, SPEECH_ROUTE)
-        assert stream.first_audio_s is not None
-        service.metrics.first_audio_seconds.labels("http").observe(stream.first_audio_s)
-        headers = {
-            "X-Seed": str(stream.seed),
-            "X-Time-To-First-Audio-Ms": f"{stream.first_audio_s * 1000:.1f}",
-        }
-        pieces = _chained(first, stream, service.metrics, started)
-        if parsed.request.save_voice is not None:
-            # The voice is kept after the last frame: wait for it, so that the answer can
-            # say it was kept (X-Saved-Voice) or fail with why it was not.
-            whole = b"".join([piece async for piece in pieces])
-            headers["X-Saved-Voice"] = stream.summary["saved_voice"]["name"]
-            pieces = _once(whole)
-        if parsed.stream_format == "sse":
-            events = _sse_events(pieces, stream)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        media_type = audio.CONTENT_TYPES[parsed.request.format]
-        return StreamingResponse(pieces, media_type=media_type, headers=headers)
-
-    app.include_router(api)
+    app.include_router(_open_router(service))
+    app.include_router(_api_router(service))
     app.add_api_websocket_route(STREAM_ROUTE, speech_stream)  # checks its key itself
     app.include_router(voice_router(service, [Depends(authorize)]))
     # Every error leaves through http_errors. Exception (a bug of ours) is Starlette's
@@ -263,6 +152,87 @@ def create_app(settings: Settings, worker: Worker | None = None) -> CountRequest
         app.add_exception_handler(kind, http_errors.handle)
     app.add_middleware(CloseUnread)
     return CountRequests(app, service.metrics, ROUTES)
+
+
+def _open_router(service: Service) -> APIRouter:
+    """The routes without a key: the playground page and RunPod's health check."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        page = resources.files(__package__).joinpath("static/playground.html")
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    @router.get("/ping")
+    async def ping() -> Response:
+        """RunPod's health contract: 200 ready, 204 still loading, 500 unusable."""
+        if service.load_failed:
+            return Response(status_code=500)
+        service.metrics.model_loaded.set(1 if service.speech.engine.is_loaded else 0)
+        return Response(status_code=200 if service.ready else 204)
+
+    return router
+
+
+def _api_router(service: Service) -> APIRouter:
+    """The routes behind the key: metrics, models, and speech."""
+    router = APIRouter(dependencies=[Depends(authorize)])
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        service.metrics.model_loaded.set(1 if service.speech.engine.is_loaded else 0)
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    @router.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        ids = (MODEL_ID, *MODEL_ALIASES)
+        data = [{"id": i, "object": "model", "created": 0, "owned_by": "bosonai"} for i in ids]
+        return {"object": "list", "data": data}
+
+    @router.post(SPEECH_ROUTE, dependencies=[Depends(require_json)])
+    async def speech(request: Request) -> Response:
+        return await _speech(service, request)
+
+    return router
+
+
+async def _speech(service: Service, request: Request) -> Response:
+    """POST /v1/audio/speech: admit, read and parse the body, then stream the audio (chunked
+    or SSE) once its first piece is made; errors before it are answered here."""
+    settings = service.settings
+    service.admit()  # before the body: a slow sender holds a place, and only for so long
+    try:
+        limit, timeout_s = settings.http_max_body_bytes, settings.http_body_timeout_s
+        parsed = parse_openai_speech(await read_json(request, limit, timeout_s), settings)
+    except BaseException:
+        service.release()
+        raise
+    stream = AudioStream(service.speech, parsed.request, service.release)
+    started = time.perf_counter()
+    try:
+        first = await _first_piece(stream, request, service.metrics)
+    except RequestError as error:  # found while planning: voices, chunks, prompt
+        return error_response(in_openai_terms(error), SPEECH_ROUTE)
+    except Exception as error:  # answered here: a bug's traceback is logged once
+        return error_response(error, SPEECH_ROUTE)
+    assert stream.first_audio_s is not None
+    service.metrics.first_audio_seconds.labels("http").observe(stream.first_audio_s)
+    headers = {
+        "X-Seed": str(stream.seed),
+        "X-Time-To-First-Audio-Ms": f"{stream.first_audio_s * 1000:.1f}",
+    }
+    pieces = _chained(first, stream, service.metrics, started)
+    if parsed.request.save_voice is not None:
+        # The voice is kept after the last frame: wait for it, so that the answer can
+        # say it was kept (X-Saved-Voice) or fail with why it was not.
+        whole = b"".join([piece async for piece in pieces])
+        headers["X-Saved-Voice"] = stream.summary["saved_voice"]["name"]
+        pieces = _once(whole)
+    if parsed.stream_format == "sse":
+        events = _sse_events(pieces, stream)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    media_type = audio.CONTENT_TYPES[parsed.request.format]
+    return StreamingResponse(pieces, media_type=media_type, headers=headers)
 
 
 async def _first_piece(stream: AudioStream, request: Request, metrics: Metrics) -> bytes:

@@ -20,19 +20,16 @@ import email.parser
 import email.policy
 import json
 import mimetypes
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from higgs_runpod.errors import ApiError
 from higgs_runpod.fronts.http_guard import read_body
+from higgs_runpod.fronts.http_state import Service
 from higgs_runpod.request.openai_schema import OPENAI_VOICES, map_voice
 from higgs_runpod.synthesis import audio
-
-if TYPE_CHECKING:
-    from higgs_runpod.fronts.http_api import Service
 
 VOICES_ROUTE = "/v1/audio/voices"
 FORM_FIELDS = ("name", "transcript", "description", "consent", "overwrite")
@@ -43,7 +40,7 @@ def voice_router(service: Service, dependencies: list[Any]) -> APIRouter:
     """The routes above, behind `dependencies` (the API key check)."""
     router = APIRouter(dependencies=dependencies)
     settings = service.settings
-    library = service.worker.library
+    library = service.speech.library
 
     @router.get(VOICES_ROUTE)
     async def voices() -> dict[str, Any]:
@@ -102,19 +99,10 @@ def voice_router(service: Service, dependencies: list[Any]) -> APIRouter:
 
     @router.delete(VOICES_ROUTE + "/{name}")
     async def delete(name: str) -> Response:
-        await asyncio.to_thread(library.delete, name, _forget(service))
+        await asyncio.to_thread(library.delete, name, service.speech.forget)
         return Response(status_code=204)
 
     return router
-
-
-def _forget(service: Service) -> Callable[[Any], None]:
-    def forget(samples: Any) -> None:
-        cache = service.worker.engine.voice_cache
-        if cache is not None:
-            cache.forget(samples)
-
-    return forget
 
 
 def _media_type(request: Request) -> str:

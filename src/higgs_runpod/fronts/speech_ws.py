@@ -2,7 +2,7 @@
 
     client: config {"model", "voice", "response_format", ...}, then {"text"} ... {"close"}
       --_receive: Segmenter (sentence ends, or chunking.max_words words)--> segments
-      --_generate: Worker.generate, one segment at a time, the codes of the
+      --_generate: SpeechService.generate, one segment at a time, the codes of the
           chunking.context_chunks segments before it as context (as longform does)--> frames
       --_send: PieceDecoder --ProgressiveEncoder (one per session)--> binary messages,
           {"type": "segment"} as each segment's audio has gone, {"type": "done"} at the end
@@ -29,21 +29,20 @@ import random
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from higgs_runpod.errors import ClientGone, SessionError, known_error
+from higgs_runpod.fronts.http_errors import INTERNAL as INTERNAL_MESSAGE
 from higgs_runpod.fronts.http_guard import key_refusal
+from higgs_runpod.fronts.http_state import Service
 from higgs_runpod.request.chunking import Chunk, segment_end
 from higgs_runpod.request.openai_schema import parse_openai_speech
+from higgs_runpod.service.planning import GenerationPlan
 from higgs_runpod.synthesis.progressive import ProgressiveEncoder
 from higgs_runpod.synthesis.streaming import PieceDecoder
-
-if TYPE_CHECKING:
-    from higgs_runpod.fronts.http_api import Service
-    from higgs_runpod.fronts.runpod import Plan
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,6 @@ STREAM_ROUTE = "/v1/audio/speech/stream"
 POLICY, INTERNAL, BUSY = 1008, 1011, 1013  # WebSocket close codes
 _NOT_IN_CONFIG = ("input", "stream", "stream_format", "output", "save_voice")
 _PLACEHOLDER = "."  # stands for the text while the config alone is checked
-_INTERNAL_MESSAGE = "internal error while generating speech; the worker log has the details"
 
 
 def close_reason(error: BaseException) -> tuple[str, int]:
@@ -60,14 +58,14 @@ def close_reason(error: BaseException) -> tuple[str, int]:
     known = known_error(error)
     if known is None:
         log.error("WebSocket speech session failed", exc_info=error)
-        return _INTERNAL_MESSAGE, INTERNAL
+        return INTERNAL_MESSAGE, INTERNAL
     if known.http_status in (429, 503):
         code = BUSY
     else:
         code = POLICY if known.http_status < 500 else INTERNAL
     if code == INTERNAL:
         log.error("WebSocket speech session failed: %s", known)
-    return (str(known) if known.public else _INTERNAL_MESSAGE), code
+    return (str(known) if known.public else INTERNAL_MESSAGE), code
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ class Session:
     def __init__(self, service: Service, websocket: WebSocket) -> None:
         self.service = service
         self.settings = service.settings
-        self.worker = service.worker
+        self.speech = service.speech
         self.websocket = websocket
         self.cancel = threading.Event()
         self.segments: asyncio.Queue[str | None] = asyncio.Queue()
@@ -142,7 +140,7 @@ class Session:
         except Exception as error:
             await self._fail(*close_reason(error))
 
-    async def _configure(self) -> Plan:
+    async def _configure(self) -> GenerationPlan:
         """The first message: a speech request without its text, checked as one."""
         message = await self._receive_json(timeout_s=self.settings.ws_idle_timeout_s)
         if not isinstance(message, dict):
@@ -161,9 +159,9 @@ class Session:
         self.seed = request.seed if request.seed is not None else random.randrange(2**32)
         self.config["seed"] = self.seed  # every segment the same seed, as a long text's chunks
         self.request = request.model_copy(update={"seed": self.seed})
-        return await self.worker.plan(self.request)
+        return await self.speech.planner.plan(self.request)
 
-    async def _stream(self, plan: Plan) -> None:
+    async def _stream(self, plan: GenerationPlan) -> None:
         tasks = [
             asyncio.ensure_future(self._receive()),
             asyncio.ensure_future(self._generate(plan)),
@@ -260,7 +258,7 @@ class Session:
         except (json.JSONDecodeError, RecursionError):
             raise SessionError("a message is not JSON we accept") from None
 
-    async def _generate(self, plan: Plan) -> None:
+    async def _generate(self, plan: GenerationPlan) -> None:
         """Segment after segment, each hearing the ones before it; frames go to `_send`."""
         loop = asyncio.get_running_loop()
         history: list[tuple[str, torch.Tensor]] = []
@@ -276,7 +274,7 @@ class Session:
             budget = min(plan.params.max_new_tokens, limit - self.usage["audio_frames"])
             params = replace(plan.params, max_new_tokens=budget)
             segment_plan = replace(plan, chunks=[Chunk(0, len(text), text)], params=params)
-            synthesis = await self.worker.generate(
+            synthesis = await self.speech.generate(
                 segment_plan, on_frames, None, self.cancel, history=history
             )
             if context:
@@ -298,7 +296,7 @@ class Session:
 
     async def _send(self) -> None:
         """Frames to audio messages; a segment's tail goes out when its generation ends."""
-        engine, settings, request = self.worker.engine, self.settings, self.request
+        engine, settings, request = self.speech.engine, self.settings, self.request
         hop = int(engine.sample_rate / engine.frame_rate)
         decoder = PieceDecoder(engine.decode_codes, engine.decoder_context_frames, hop)
         encoder = ProgressiveEncoder(

@@ -41,8 +41,8 @@ def _start_runpod(rp_args: list[str]) -> int:
     worker = get_worker()
     if not worker.settings.lazy_load:
         try:
-            log.info("loaded in %.1f s", worker.engine.load())
-            log.info("library voices encoded: %d", worker.warm_voices())
+            log.info("loaded in %.1f s", worker.service.engine.load())
+            log.info("library voices encoded: %d", worker.service.warm_voices())
         except ModelNotFoundError as error:
             log.error("cannot start: %s", error)
             return 1

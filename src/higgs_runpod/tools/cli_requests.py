@@ -68,8 +68,9 @@ def synth_input(args: argparse.Namespace) -> dict:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from higgs_runpod.fronts.runpod import Worker
+    from higgs_runpod.service.speech import SpeechService
 
-    worker = Worker(load_settings())
+    worker = Worker(SpeechService(load_settings()))
     result = asyncio.run(worker.handle({"id": "synth", "input": synth_input(args)}))
     if "error" in result:
         print(f"error: {result['error']}", file=sys.stderr)  # noqa: T201
