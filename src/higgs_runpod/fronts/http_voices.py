@@ -10,7 +10,7 @@
 
 The body is read whole under the same size and time limits as a speech body, and only
 then parsed (the standard library's MIME parser), so a slow or cut-off upload costs a
-bounded read and writes nothing. Every check lives in voice_service.py.
+bounded read and writes nothing. Every check lives in library/manage.py.
 """
 
 from __future__ import annotations
@@ -39,47 +39,15 @@ _TRUE = ("1", "true", "yes", "on")
 def voice_router(service: Service, dependencies: list[Any]) -> APIRouter:
     """The routes above, behind `dependencies` (the API key check)."""
     router = APIRouter(dependencies=dependencies)
-    settings = service.settings
     library = service.speech.library
 
     @router.get(VOICES_ROUTE)
     async def voices() -> dict[str, Any]:
-        listed = (await asyncio.to_thread(library.list))["voices"]
-        names = {voice["name"] for voice in listed}
-        entries = [{"id": v["name"], "type": "library", **v} for v in listed]
-        entries += [
-            {
-                "id": n,
-                "name": n,
-                "type": "openai",
-                "maps_to": map_voice(n, settings) or "smart voice",
-            }
-            for n in OPENAI_VOICES
-            if n not in names
-        ]
-        return {"voices": entries}
+        return await _listing(service)
 
     @router.post(VOICES_ROUTE)
     async def create(request: Request) -> JSONResponse:
-        media_type = _media_type(request)
-        if media_type not in ("application/json", "multipart/form-data"):
-            raise ApiError(
-                415,
-                "Content-Type must be multipart/form-data or application/json",
-                code="unsupported_media_type",
-            )
-        if media_type == "multipart/form-data":
-            _same_origin(request)
-        service.admit()  # creating may encode the clip: it takes a place like speech does
-        try:
-            body = await read_body(
-                request, settings.http_max_body_bytes, settings.http_body_timeout_s
-            )
-            fields, clip = _parse(body, request.headers.get("content-type", ""), media_type)
-            voice = await library.create(fields, clip)
-        finally:
-            service.release()
-        return JSONResponse(voice.public(), status_code=201)
+        return await _create(service, request)
 
     @router.get(VOICES_ROUTE + "/{name}")
     async def get(name: str) -> dict[str, Any]:
@@ -103,6 +71,46 @@ def voice_router(service: Service, dependencies: list[Any]) -> APIRouter:
         return Response(status_code=204)
 
     return router
+
+
+async def _listing(service: Service) -> dict[str, Any]:
+    """The library's voices, then OpenAI's names that no library voice takes."""
+    listed = (await asyncio.to_thread(service.speech.library.list))["voices"]
+    names = {voice["name"] for voice in listed}
+    entries = [{"id": v["name"], "type": "library", **v} for v in listed]
+    entries += [
+        {
+            "id": n,
+            "name": n,
+            "type": "openai",
+            "maps_to": map_voice(n, service.settings) or "smart voice",
+        }
+        for n in OPENAI_VOICES
+        if n not in names
+    ]
+    return {"voices": entries}
+
+
+async def _create(service: Service, request: Request) -> JSONResponse:
+    """A new voice from a form or a JSON body, read whole within the body limits."""
+    settings = service.settings
+    media_type = _media_type(request)
+    if media_type not in ("application/json", "multipart/form-data"):
+        raise ApiError(
+            415,
+            "Content-Type must be multipart/form-data or application/json",
+            code="unsupported_media_type",
+        )
+    if media_type == "multipart/form-data":
+        _same_origin(request)
+    service.admit()  # creating may encode the clip: it takes a place like speech does
+    try:
+        body = await read_body(request, settings.http_max_body_bytes, settings.http_body_timeout_s)
+        fields, clip = _parse(body, request.headers.get("content-type", ""), media_type)
+        voice = await service.speech.library.create(fields, clip)
+    finally:
+        service.release()
+    return JSONResponse(voice.public(), status_code=201)
 
 
 def _media_type(request: Request) -> str:

@@ -21,7 +21,8 @@ import torch
 
 from higgs_runpod.errors import GenerationCancelled
 from higgs_runpod.request.chunking import Chunk
-from higgs_runpod.synthesis.engine import Engine, FrameCallback, SamplingParams
+from higgs_runpod.synthesis.engine import Engine, FrameCallback, SamplingParams, Synthesis
+from higgs_runpod.timing import ms_since
 
 Conversation = list[dict[str, Any]]
 MakeConversation = Callable[[str, Sequence[tuple[str, torch.Tensor]]], Conversation]
@@ -71,10 +72,7 @@ def synthesize_chunks(
     if params.seed is None and len(chunks) > 1:  # one seed for every chunk of a long text
         params = replace(params, seed=random.randrange(2**32))
     history = list(history)
-    first_seed = 0
-    reports: list[ChunkReport] = []
-    codes: list[torch.Tensor] = []
-    totals = {"prompt": 0, "generated": 0, "prepare": 0.0, "generate": 0.0}
+    made = _Made()
     for index, chunk in enumerate(chunks):
         if on_chunk is not None:
             on_chunk(index)
@@ -92,32 +90,42 @@ def synthesize_chunks(
                 f"cancelled after {result.generated_tokens} decode steps "
                 f"of chunk {index + 1} of {len(chunks)}"
             )
-        if index == 0:
-            first_seed = result.seed
         history.append((chunk.text, result.codes))
-        codes.append(result.codes)
-        reports.append(
-            ChunkReport(
-                index=index,
-                start=chunk.start,
-                end=chunk.end,
-                frames=result.frames,
-                generate_ms=(time.perf_counter() - started) * 1000.0,
-            )
+        made.add(index, chunk, result, ms_since(started))
+    return made.synthesis(params.seed)
+
+
+class _Made:
+    """The chunks generated so far, summed into one LongSynthesis at the end."""
+
+    def __init__(self) -> None:
+        self.first_seed = 0
+        self.reports: list[ChunkReport] = []
+        self.codes: list[torch.Tensor] = []
+        self.totals = {"prompt": 0, "generated": 0, "prepare": 0.0, "generate": 0.0}
+
+    def add(self, index: int, chunk: Chunk, result: Synthesis, generate_ms: float) -> None:
+        if index == 0:
+            self.first_seed = result.seed
+        self.codes.append(result.codes)
+        self.reports.append(ChunkReport(index=index, start=chunk.start, end=chunk.end,
+                                        frames=result.frames, generate_ms=generate_ms))  # fmt: skip
+        self.totals["prompt"] += result.prompt_tokens
+        self.totals["generated"] += result.generated_tokens
+        self.totals["prepare"] += result.prepare_ms
+        self.totals["generate"] += result.generate_ms
+
+    def synthesis(self, seed: int | None) -> LongSynthesis:
+        """All chunks as one; `seed` is the request's, else the first chunk's (its own)."""
+        return LongSynthesis(
+            codes=torch.cat(self.codes),
+            chunks=self.reports,
+            seed=seed if seed is not None else self.first_seed,
+            prompt_tokens=int(self.totals["prompt"]),
+            generated_tokens=int(self.totals["generated"]),
+            prepare_ms=self.totals["prepare"],
+            generate_ms=self.totals["generate"],
         )
-        totals["prompt"] += result.prompt_tokens
-        totals["generated"] += result.generated_tokens
-        totals["prepare"] += result.prepare_ms
-        totals["generate"] += result.generate_ms
-    return LongSynthesis(
-        codes=torch.cat(codes),
-        chunks=reports,
-        seed=params.seed if params.seed is not None else first_seed,
-        prompt_tokens=int(totals["prompt"]),
-        generated_tokens=int(totals["generated"]),
-        prepare_ms=totals["prepare"],
-        generate_ms=totals["generate"],
-    )
 
 
 def _fitting(
