@@ -209,6 +209,10 @@ def test_no_import_cycles() -> None:
     assert import_cycles(PACKAGE) == []
 
 
+def test_modules_and_functions_are_small() -> None:
+    assert oversized(PACKAGE) == []
+
+
 def test_container_imports_only_the_standard_library() -> None:
     assert container_imports(PACKAGE) == []
 
