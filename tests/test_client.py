@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from higgs_runpod.tools.client import ClientError, Endpoint, JobFailed, JobUpdate, save_audio
+from higgs_runpod.errors import ClientError, JobFailed
+from higgs_runpod.tools.client import Endpoint, JobUpdate, save_audio
 from support.audio import b64, make_wav
 from support.cli import API_KEY, run_cli
 

@@ -209,3 +209,17 @@ class InsufficientSpaceError(CheckpointDownloadError):
 
 class DeployError(HiggsRunpodError):
     """The deploy config is wrong or RunPod refused a request; the message says which."""
+
+
+class ClientError(HiggsRunpodError):
+    """The endpoint could not be reached or refused the call (bad key, no such endpoint)."""
+
+
+class JobFailed(HiggsRunpodError):
+    """The job ended without audio: FAILED, CANCELLED, TIMED_OUT, or the wait ran out."""
+
+    def __init__(self, job_id: str, status: str, message: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        self.message = message
+        super().__init__(f"job {job_id} {status}: {message}")

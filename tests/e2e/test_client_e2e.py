@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from higgs_runpod.tools.client import JobFailed, speak
+from higgs_runpod.errors import JobFailed
+from higgs_runpod.tools.client import speak
 from support.cli import run_cli
 from support.s3store import S3_KEY_ID, S3_SECRET
 from support.servers import LocalServer

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from higgs_runpod.tools.client import ClientError, Endpoint
+from higgs_runpod.errors import ClientError
+from higgs_runpod.tools.client import Endpoint
 from higgs_runpod.tools.library_client import Voices
 from support.audio import b64, make_wav
 from support.cli import cli

@@ -8,12 +8,11 @@ import base64
 import sys
 from pathlib import Path
 
+from higgs_runpod.errors import ClientError, JobFailed
 from higgs_runpod.request.schema import AUDIO_FORMATS
 from higgs_runpod.settings import load_client_settings, load_settings
 from higgs_runpod.tools.client import (
-    ClientError,
     Endpoint,
-    JobFailed,
     JobUpdate,
     key_goes_to,
     save_audio,

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from higgs_runpod.errors import RequestError
+from higgs_runpod.errors import ClientError, JobFailed, RequestError
 from higgs_runpod.settings import load_client_settings, load_settings
-from higgs_runpod.tools.client import ClientError, Endpoint, JobFailed
+from higgs_runpod.tools.client import Endpoint
 from higgs_runpod.tools.library_client import Voices
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from higgs_runpod.errors import HiggsRunpodError
+from higgs_runpod.errors import ClientError, HiggsRunpodError, JobFailed
 from higgs_runpod.settings import load_client_settings
 
 CLOUD_API = "https://api.runpod.ai/v2"
@@ -34,20 +34,6 @@ RUNPOD_API_HOSTS = ("api.runpod.ai", "api.runpod.io")
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _QUEUE_CHECK_S = 10.0
-
-
-class ClientError(HiggsRunpodError):
-    """The endpoint could not be reached or refused the call (bad key, no such endpoint)."""
-
-
-class JobFailed(HiggsRunpodError):
-    """The job ended without audio: FAILED, CANCELLED, TIMED_OUT, or the wait ran out."""
-
-    def __init__(self, job_id: str, status: str, message: str) -> None:
-        self.job_id = job_id
-        self.status = status
-        self.message = message
-        super().__init__(f"job {job_id} {status}: {message}")
 
 
 @dataclass(frozen=True)

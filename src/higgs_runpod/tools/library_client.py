@@ -8,7 +8,8 @@ from typing import Any
 
 import httpx
 
-from higgs_runpod.tools.client import ClientError, Endpoint, JobFailed
+from higgs_runpod.errors import ClientError, JobFailed
+from higgs_runpod.tools.client import Endpoint
 
 
 class Voices:
