@@ -13,7 +13,7 @@ Errors name the field as the caller sent it (`input`, not `text`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from higgs_runpod.errors import RequestError
 from higgs_runpod.request.schema import SpeechRequest, parse_request
@@ -27,14 +27,14 @@ OPENAI_VOICES = (
 MODEL_ID = "higgs-audio-v2"
 # Model names OpenAI clients send; all of them mean this worker's one model.
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
-STREAM_FORMATS = ("audio", "sse")
 DEFAULT_RESPONSE_FORMAT = "mp3"  # OpenAI's default
 
 # Our field name -> the OpenAI name a caller used for it (for error messages).
 _OPENAI_NAMES = {"text": "input", "format": "response_format"}
 _RENAMED = {"input": "text", "response_format": "format"}
 
-StreamFormat = Literal["audio", "sse"]
+StreamFormat = Literal["audio", "sse"]  # how POST /v1/audio/speech sends the audio
+STREAM_FORMATS: tuple[str, ...] = get_args(StreamFormat)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def parse_openai_speech(raw: Any, settings: Settings) -> OpenAISpeech:
         raise RequestError("model", f"is required (use {MODEL_ID!r}; OpenAI's names work too)")
     stream_format = body.pop("stream_format", "audio")
     if stream_format not in STREAM_FORMATS:
-        raise RequestError("stream_format", "must be 'audio' or 'sse'")
+        raise RequestError("stream_format", f"must be {' or '.join(map(repr, STREAM_FORMATS))}")
     for ours, theirs in _OPENAI_NAMES.items():
         if ours in body:
             raise RequestError(ours, f"unknown field (this API calls it {theirs!r})")
