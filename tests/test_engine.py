@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -255,9 +256,12 @@ def test_out_of_memory_in_a_decode_step_evicts_the_newest(
     """No GPU here: the step raises CUDA's error once, as a step that needed more memory
     than was free would; the newest of the three running requests stops with a clear
     error, the other two carry on with the codes they have alone."""
-    long = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=50)
-    texts = {name: build_conversation(f"Request {name}.") for name in ("first", "second", "third")}
-    alone = {name: engine.synthesize(text, long) for name, text in texts.items()}
+    # The first two run long enough that the third joins them even on a loaded machine,
+    # where its thread may start many steps late.
+    greedy = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=300)
+    params = {"first": greedy, "second": greedy, "third": replace(greedy, max_new_tokens=50)}
+    texts = {name: build_conversation(f"Request {name}.") for name in params}
+    alone = {name: engine.synthesize(text, params[name]) for name, text in texts.items()}
     step = engine.step
     armed = threading.Event()
 
@@ -276,8 +280,8 @@ def test_out_of_memory_in_a_decode_step_evicts_the_newest(
             armed.set()
 
     for name, at in zip(texts, [0, 3, 8], strict=True):
-        runs.start(name, at, lambda t=texts[name]: engine.synthesize(
-            t, long, on_frames=counted))  # fmt: skip
+        runs.start(name, at, lambda t=texts[name], p=params[name]: engine.synthesize(
+            t, p, on_frames=counted))  # fmt: skip
     results = runs.join()
     assert isinstance(results["third"], OutOfMemoryError)
     assert "newest" in str(results["third"])
