@@ -236,6 +236,48 @@ def test_a_sessions_text_is_bounded_in_all(settings: Settings, speech: SpeechSer
         server.stop()
 
 
+def test_a_message_over_the_size_limit_is_an_error_then_close_1009(
+    settings: Settings, speech: SpeechService
+) -> None:
+    """A message over HTTP_MAX_BODY_BYTES, whole or in fragments, is refused from its frame
+    headers: the client hears why, then the socket closes; one at the limit is read."""
+    limit = 2048
+    limited = settings.model_copy(update={"higgs_api_key": None, "http_max_body_bytes": limit})
+    server = ThreadServer(limited, speech)
+    at_limit = json.dumps({"pad": "x" * (limit - len('{"pad": ""}'))})
+    assert len(at_limit.encode()) == limit
+
+    async def send(*messages: str | list[str]) -> Received:
+        received = Received()
+        async with connect(ws_url(server), open_timeout=10) as socket:
+            reader = asyncio.ensure_future(collect(socket, received))
+            for message in messages:
+                await socket.send(message if isinstance(message, str) else iter(message))
+            await asyncio.wait_for(reader, timeout=60)
+        return received
+
+    try:
+        read = run(send(json.dumps(config()), at_limit))
+        assert "unknown message field 'pad'" in error_of(read)  # the session parsed it
+        assert read.close_code == 1008
+        half = "x" * (limit // 2)
+        for too_big in (at_limit + " ", [f'{{"text": "{half}', f'{half}"}}']):
+            refused = run(send(json.dumps(config()), too_big))
+            assert (
+                f"a message is larger than {limit} bytes, the limit (HTTP_MAX_BODY_BYTES)"
+                in error_of(refused)
+            )
+            assert refused.close_code == 1009 and not refused.audio
+        deadline = time.monotonic() + 10
+        while server.service.in_flight:
+            assert time.monotonic() < deadline, "the refused sessions were not released"
+            time.sleep(0.05)
+        served, _ = run(session(ws_url(server), [config(), {"text": "Fine."}, {"close": True}]))
+        assert served.events[-1]["type"] == "done"
+    finally:
+        server.stop()
+
+
 def test_key_by_header_or_subprotocol(settings: Settings, speech: SpeechService) -> None:
     server = ThreadServer(settings.model_copy(update={"higgs_api_key": SecretStr(KEY)}), speech)
     messages = [config(), {"text": "Keyed."}, {"close": True}]

@@ -1,6 +1,7 @@
 """What the HTTP server checks before a request reaches its work, and how it bounds sockets.
 
     socket --GuardedH11Protocol: header deadline, idle keep-alive, HTTP_MAX_CONNECTIONS-->
+        (a WebSocket: GuardedWebSocketProtocol, messages at most HTTP_MAX_BODY_BYTES)
         CloseUnread: an answer sent before the body ended closes the connection -->
         route: authorize (401) -> require_json (415) -> admit (429) -> read_json (413, 408, 400)
 
@@ -24,6 +25,9 @@ from fastapi import Request, WebSocket
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import Frame, Opcode
 
 from higgs_runpod.errors import ApiError, ClientGone
 from higgs_runpod.settings import Settings
@@ -206,6 +210,28 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
 
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, telling the client why before it closes with 1009.
+
+    A message over `ws_max_size` (HTTP_MAX_BODY_BYTES) is refused by the frame parser from
+    its header's length, before its payload is kept, and the connection fails at once: the
+    app never sees the message. The client first gets the error the speech WebSocket sends
+    for every failure (`{"type": "error", "message"}`, speech_ws.py), then the close.
+    """
+
+    def handle_parser_exception(self) -> None:
+        if isinstance(self.conn.parser_exc, PayloadTooBig) and self.handshake_complete:
+            limit = self.config.ws_max_size
+            message = (
+                f"a message is larger than {limit} bytes, the limit (HTTP_MAX_BODY_BYTES): "
+                'send text in smaller {"text"} messages'
+            )
+            error = json.dumps({"type": "error", "message": message}).encode()
+            # The close frame is waiting in `conn`'s output: this frame goes out before it.
+            self.transport.write(Frame(Opcode.TEXT, error).serialize(mask=False))
+        super().handle_parser_exception()
+
+
 def uvicorn_config(app: ASGIApp, settings: Settings, host: str, port: int) -> uvicorn.Config:
     """The server's socket bounds from settings (the CLI and the tests start it this way)."""
     protocol = partial(GuardedH11Protocol, header_timeout_s=settings.http_header_timeout_s)
@@ -214,6 +240,7 @@ def uvicorn_config(app: ASGIApp, settings: Settings, host: str, port: int) -> uv
         host=host,
         port=port,
         http=protocol,  # type: ignore[arg-type]
+        ws=GuardedWebSocketProtocol,
         # uvicorn counts the connection asking too: +1 serves exactly HTTP_MAX_CONNECTIONS.
         limit_concurrency=settings.http_max_connections + 1,
         timeout_keep_alive=round(settings.http_keep_alive_s),

@@ -15,7 +15,8 @@ fault, 1011 for ours, 1013 when busy or out of memory). A client that disconnect
 (`ClientGone`) cancels the same way.
 
 Every input is bounded: the config is a speech request (schema.py's limits) read within
-WS_IDLE_TIMEOUT_S, messages are at most HTTP_MAX_BODY_BYTES (uvicorn) and
+WS_IDLE_TIMEOUT_S, messages are at most HTTP_MAX_BODY_BYTES (refused, with the same error
+message, by http_guard.GuardedWebSocketProtocol before they are read) and
 WS_MAX_MESSAGE_CHARS of text, text waiting to be spoken at most WS_MAX_BUFFERED_CHARS,
 a session's text at most MAX_LONG_TEXT_CHARS and its audio WS_MAX_SESSION_FRAMES frames.
 """
