@@ -12,8 +12,10 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection, connect
@@ -24,6 +26,8 @@ from higgs_runpod.request.chunking import segment_end
 from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis import audio
+from support.audio import b64, make_wav
+from support.engine import EncodeSpy
 from support.servers import ThreadServer
 
 KEY = "ws-key-1618"
@@ -274,6 +278,31 @@ def test_a_message_over_the_size_limit_is_an_error_then_close_1009(
             time.sleep(0.05)
         served, _ = run(session(ws_url(server), [config(), {"text": "Fine."}, {"close": True}]))
         assert served.events[-1]["type"] == "done"
+    finally:
+        server.stop()
+
+
+def test_a_library_voice_speaks_from_its_stored_codes(
+    settings: Settings, speech: SpeechService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As over HTTP and the queue: a library voice's codes come from its codes.pt, for every
+    segment, and the audio tokenizer encodes nothing (the done event says how they came)."""
+    library = settings.model_copy(update={"higgs_api_key": None, "voices_path": tmp_path})
+    server = ThreadServer(library, SpeechService(library, speech.engine))
+    clip = make_wav(seconds=1.2, freq=333.0)  # a clip no other test has put in the cache
+    try:
+        voice = {"name": "stored", "transcript": "A tone.", "audio_base64": b64(clip)}
+        created = httpx.post(f"{server.url}/v1/audio/voices", json=voice, timeout=60)
+        assert created.status_code == 201, created.text
+        assert (tmp_path / "stored" / "codes.pt").is_file()
+        spy = EncodeSpy(speech.engine, monkeypatch)
+        messages = [config(voice="stored"), {"text": "One. Two."}, {"close": True}]
+        received, _ = run(session(ws_url(server), messages))
+        done = received.events[-1]
+        assert done["type"] == "done", received.events
+        assert [s["text"] for s in received.segments] == ["One.", "Two."]
+        assert done["voice_codes"] == {"library": 1, "memory": 0, "disk": 0, "encoded": 0}
+        assert spy.calls == 0
     finally:
         server.stop()
 

@@ -42,6 +42,7 @@ from higgs_runpod.fronts.http_state import Service
 from higgs_runpod.request.chunking import Chunk, segment_end
 from higgs_runpod.request.openai_schema import parse_openai_speech
 from higgs_runpod.service.planning import GenerationPlan
+from higgs_runpod.service.speech import Prepared
 from higgs_runpod.synthesis.progressive import ProgressiveEncoder
 from higgs_runpod.synthesis.streaming import PieceDecoder
 
@@ -113,6 +114,7 @@ class Session:
         self.total_chars = 0
         self.unsent = 0  # segments queued, generating or sending
         self.config: dict[str, Any] = {}
+        self.prepared: Prepared | None = None
         self.tags = ""  # the speakers' tags, for checking the config and each segment
         self.usage = {"input_tokens": 0, "output_tokens": 0, "audio_frames": 0}
         self.first_queued: float | None = None
@@ -142,7 +144,8 @@ class Session:
             await self._fail(*close_reason(error))
 
     async def _configure(self) -> GenerationPlan:
-        """The first message: a speech request without its text, checked as one."""
+        """The first message: a speech request without its text, checked and prepared as one
+        (its voices' codes had once, a library voice's its own, as for HTTP and the queue)."""
         message = await self._receive_json(timeout_s=self.settings.ws_idle_timeout_s)
         if not isinstance(message, dict):
             raise SessionError("the first message must be a JSON object: the config")
@@ -160,7 +163,8 @@ class Session:
         self.seed = request.seed if request.seed is not None else random.randrange(2**32)
         self.config["seed"] = self.seed  # every segment the same seed, as a long text's chunks
         self.request = request.model_copy(update={"seed": self.seed})
-        return await self.speech.planner.plan(self.request)
+        self.prepared = await self.speech.prepare(self.request)
+        return self.prepared.plan
 
     async def _stream(self, plan: GenerationPlan) -> None:
         tasks = [
@@ -345,6 +349,7 @@ class Session:
             raise ClientGone from None
 
     def _done(self) -> dict[str, Any]:
+        assert self.prepared is not None  # a session that ends well was configured
         usage = self.usage
         total = usage["input_tokens"] + usage["output_tokens"]
         first_ms = round(self.first_audio_s * 1000, 1) if self.first_audio_s is not None else None
@@ -354,6 +359,7 @@ class Session:
             "duration_s": round(self.audio_seconds, 3),
             "seed": self.seed,
             "first_audio_ms": first_ms,
+            "voice_codes": self.prepared.codes.counts,
         }
 
     async def _fail(self, message: str, code: int) -> None:

@@ -130,7 +130,7 @@ class SpeechService:
     ) -> Speech:
         """A validated request to encoded audio; the model runs off the event loop."""
         started = time.perf_counter()
-        ready = await self._ready(request)
+        ready = await self.prepare(request)
         counter = FrameCounter(progress, len(ready.plan.chunks))
         synthesis = await self.generate(ready.plan, counter.frames, counter.chunk, cancel)
         decode_start = time.perf_counter()
@@ -162,7 +162,7 @@ class SpeechService:
     ) -> AsyncGenerator[Piece | StreamEnd, None]:
         """Audio pieces as frames complete, then a StreamEnd with usage and timings."""
         started = time.perf_counter()
-        ready = await self._ready(request)
+        ready = await self.prepare(request)
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue[torch.Tensor | None] = asyncio.Queue()
         counter = FrameCounter(progress, len(ready.plan.chunks))
@@ -252,9 +252,9 @@ class SpeechService:
             cancel.set()
             raise
 
-    async def _ready(self, request: SpeechRequest) -> Prepared:
+    async def prepare(self, request: SpeechRequest) -> Prepared:
         """The request planned, the model loaded, the clips' codes had and the prompt
-        checked, before any generation."""
+        checked, before any generation (speak, stream, and a WebSocket session's config)."""
         started = time.perf_counter()
         plan = await self.planner.plan(request)
         resolve_ms = ms_since(started)
