@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,18 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from higgs_runpod.fronts.speech_ws import STREAM_ROUTE, Segmenter
 from higgs_runpod.request.chunking import segment_end
+from higgs_runpod.service.planning import GenerationPlan
 from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis import audio
+from higgs_runpod.synthesis.engine import Engine
+from higgs_runpod.synthesis.longform import LongSynthesis
 from support.audio import b64, make_wav
 from support.engine import EncodeSpy
 from support.servers import ThreadServer
@@ -238,6 +242,71 @@ def test_a_sessions_text_is_bounded_in_all(settings: Settings, speech: SpeechSer
         assert received.close_code == 1008
     finally:
         server.stop()
+
+
+class GenerationLog(SpeechService):
+    """The real speech service, noting in `log` when each segment's generation starts and
+    ends (the session calls `generate` once per segment, with the segment as its chunk)."""
+
+    def __init__(self, settings: Settings, engine: Engine, log: list[tuple[str, str]]) -> None:
+        super().__init__(settings, engine)
+        self.log = log
+
+    async def generate(self, plan: GenerationPlan, *args: Any, **kwargs: Any) -> LongSynthesis:
+        text = plan.chunks[0].text
+        self.log.append(("generate", text))
+        try:
+            return await super().generate(plan, *args, **kwargs)
+        finally:
+            self.log.append(("generated", text))
+
+
+def noting_sends(log: list[tuple[str, str]]) -> Callable[[ASGIApp], ASGIApp]:
+    """ASGI middleware: each WebSocket message noted in `log` once uvicorn has written it to
+    the socket's transport, as "audio" or its JSON type."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def noted(scope: Scope, receive: Receive, send: Send) -> None:
+            async def noting_send(message: Message) -> None:
+                await send(message)
+                if message["type"] == "websocket.send":
+                    text = message.get("text")
+                    log.append(("sent", "audio" if text is None else json.loads(text)["type"]))
+
+            await app(scope, receive, noting_send)
+
+        return noted
+
+    return wrap
+
+
+def test_the_next_segment_generates_while_one_is_being_sent(
+    settings: Settings, engine: Engine
+) -> None:
+    """Two sentences at once: the second generates while the first's last audio is sent.
+
+    Both notes are taken on the server's event loop, so their order is the server's own:
+    `generate` calls of the real service, and messages as uvicorn wrote them. Were segments
+    generated only once the one before had gone (`_generate` awaiting each segment's send),
+    "generate" of the second would come after the first's last audio, and this would fail."""
+    log: list[tuple[str, str]] = []
+    plain = settings.model_copy(update={"higgs_api_key": None})
+    server = ThreadServer(plain, GenerationLog(plain, engine, log), noting_sends(log))
+    first, second = "The first sentence is here.", "And here the second one."
+    messages = [config(max_new_tokens=100), {"text": f"{first} {second}", "close": True}]
+    try:
+        received, _ = run(session(ws_url(server), messages))
+    finally:
+        server.stop()
+
+    assert [s["text"] for s in received.segments] == [first, second]
+    assert received.events[-1]["type"] == "done"
+    segment_sent = log.index(("sent", "segment"))
+    last_audio = max(i for i, entry in enumerate(log[:segment_sent]) if entry == ("sent", "audio"))
+    assert log.index(("generate", second)) < last_audio < log.index(("generated", second)), log
+    # and the first's audio began going out while it generated: sending spans both
+    generating_first = log[log.index(("generate", first)) : log.index(("generated", first))]
+    assert ("sent", "audio") in generating_first, log
 
 
 def test_a_message_over_the_size_limit_is_an_error_then_close_1009(

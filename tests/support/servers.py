@@ -9,10 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import uvicorn
+from starlette.types import ASGIApp
 
 from higgs_runpod.fronts.http_api import create_app
 from higgs_runpod.fronts.http_guard import uvicorn_config
@@ -75,11 +77,18 @@ class ServerProcess:
 class ThreadServer:
     """`create_app` under uvicorn with the CLI's config, on a free loopback port."""
 
-    def __init__(self, settings: Settings, speech: SpeechService) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        speech: SpeechService,
+        middleware: Callable[[ASGIApp], ASGIApp] | None = None,
+    ) -> None:
+        """`middleware` wraps the app as uvicorn serves it (a test's view of what goes out)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings, speech)
-        self.server = uvicorn.Server(uvicorn_config(self.app, settings, "127.0.0.1", self.port))
+        served = middleware(self.app) if middleware is not None else self.app
+        self.server = uvicorn.Server(uvicorn_config(served, settings, "127.0.0.1", self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
