@@ -100,6 +100,13 @@ class VoiceNotFoundError(RequestError):
     openai_code = "voice_not_found"
 
 
+class TakeNotFoundError(RequestError):
+    """No remembered take has that id (unknown, expired, or kept already)."""
+
+    http_status = 404
+    openai_code = "take_not_found"
+
+
 class VoiceLimitError(RequestError):
     """The library holds MAX_VOICES voices already."""
 

@@ -237,6 +237,16 @@ class Settings(HttpSettings):
     max_voices: int = Field(
         default=1000, ge=0, description="Most voices the library may hold (creates refused beyond)."
     )
+    take_ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long a take remembered by `remember_take` can be kept as a voice.",
+    )
+    max_takes: int = Field(
+        default=100,
+        ge=1,
+        description="Most remembered takes on the volume; writing one deletes the oldest beyond.",
+    )
     voice_require_consent: bool = Field(
         default=False, description="Refuse a new library voice (or a kept take) without `consent`."
     )

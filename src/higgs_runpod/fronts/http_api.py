@@ -49,6 +49,7 @@ from higgs_runpod.fronts.http_metrics import CONTENT_TYPE, CountRequests, Metric
 from higgs_runpod.fronts.http_state import Service
 from higgs_runpod.fronts.http_voices import VOICES_ROUTE, voice_router
 from higgs_runpod.fronts.speech_ws import STREAM_ROUTE, speech_stream
+from higgs_runpod.library.takes import new_take_id
 from higgs_runpod.request.openai_schema import (
     MODEL_ALIASES,
     MODEL_ID,
@@ -75,7 +76,8 @@ class AudioStream:
     pieces leave as frames complete, so the first byte comes after STREAM_FIRST_FRAMES
     frames, and the joined pieces are the file a queue job returns for the same request.
 
-    The seed is fixed up front so that it can go out in a header before any audio.
+    The seed, and a remembered take's id, are fixed up front so that they can go out in
+    headers before any audio (the take is written once its last frame is made).
     `on_close` runs once the stream ends, fails or is dropped (a started async generator
     is closed when it is garbage collected), so an admission is always given back.
     """
@@ -86,6 +88,7 @@ class AudioStream:
         self.speech = speech
         self.seed = request.seed if request.seed is not None else random.randrange(2**32)
         self.request = request.model_copy(update={"seed": self.seed, "stream": True})
+        self.take_id = new_take_id() if request.remember_take else None
         self.on_close = on_close
         self.cancel = threading.Event()
         self.usage: dict[str, int] | None = None  # known once the audio is complete
@@ -112,7 +115,7 @@ class AudioStream:
     async def _generate(self) -> AsyncGenerator[bytes, None]:
         timeout_s = self.speech.settings.request_timeout_s
         try:
-            pieces = self.speech.stream(self.request, cancel=self.cancel)
+            pieces = self.speech.stream(self.request, cancel=self.cancel, take_id=self.take_id)
             async for item in within(timeout_s, pieces):
                 if isinstance(item, Piece):
                     yield item.audio
@@ -221,6 +224,8 @@ async def _speech(service: Service, request: Request) -> Response:
         "X-Seed": str(stream.seed),
         "X-Time-To-First-Audio-Ms": f"{stream.first_audio_s * 1000:.1f}",
     }
+    if stream.take_id is not None:
+        headers["X-Take-Id"] = stream.take_id
     pieces = _chained(first, stream, service.metrics, started)
     if parsed.request.save_voice is not None:
         # The voice is kept after the last frame: wait for it, so that the answer can
@@ -297,9 +302,11 @@ async def _sse_events(pieces: AsyncIterator[bytes], stream: AudioStream) -> Asyn
     assert stream.usage is not None
     prompt, generated = stream.usage["prompt_tokens"], stream.usage["generated_tokens"]
     usage = {"input_tokens": prompt, "output_tokens": generated, "total_tokens": prompt + generated}
-    # Beyond OpenAI's fields: how the reference codes were had, and the kept voice.
+    # Beyond OpenAI's fields: how the reference codes were had, the kept voice, the take.
     extra: dict[str, Any] = {
-        key: stream.summary[key] for key in ("voice_codes", "saved_voice") if key in stream.summary
+        key: stream.summary[key]
+        for key in ("voice_codes", "saved_voice", "take_id")
+        if key in stream.summary
     }
     yield _event({"type": "speech.audio.done", "usage": usage, **extra})
 

@@ -2,7 +2,8 @@
 
     POST   /v1/audio/voices               multipart/form-data (name, audio file, transcript,
                                           description, consent, overwrite) or JSON (the same
-                                          fields, the clip as audio_base64 or audio_url) -> 201
+                                          fields, the clip as audio_base64 or audio_url, or
+                                          take_id: a remembered take's, kept exactly) -> 201
     GET    /v1/audio/voices               the library's voices, then OpenAI's names
     GET    /v1/audio/voices/{name}        one voice's metadata
     GET    /v1/audio/voices/{name}/audio  its clip (WAV; a hand-copied voice's own file)
@@ -32,7 +33,7 @@ from higgs_runpod.request.openai_schema import OPENAI_VOICES, map_voice
 from higgs_runpod.synthesis import audio
 
 VOICES_ROUTE = "/v1/audio/voices"
-FORM_FIELDS = ("name", "transcript", "description", "consent", "overwrite")
+FORM_FIELDS = ("name", "transcript", "description", "consent", "overwrite", "take_id")
 _TRUE = ("1", "true", "yes", "on")
 
 

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 STREAM_ROUTE = "/v1/audio/speech/stream"
 POLICY, INTERNAL, BUSY = 1008, 1011, 1013  # WebSocket close codes
-_NOT_IN_CONFIG = ("input", "stream", "stream_format", "output", "save_voice")
+_NOT_IN_CONFIG = ("input", "stream", "stream_format", "output", "save_voice", "remember_take")
 _PLACEHOLDER = "."  # stands for the text while the config alone is checked
 
 

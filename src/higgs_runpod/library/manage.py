@@ -3,6 +3,8 @@
     fields + clip bytes --schema--> checked fields --voices (the request clip path: size,
         decoder, duration)--> 24 kHz samples --WAV--> clip --encoder (when a model is
         loaded)--> codes --library.VoiceStore (stage, rename)--> voice object
+    fields + take_id --takes.TakeStore.claim--> the take's clip and generated codes, as they
+        are (no decode, no encode) --VoiceStore--> voice object (source take)
 
 The clip stored is the 16-bit WAV a worker will read back, and its codes are encoded from
 that WAV as read back, so a request naming the voice gets the very codes stored.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +35,7 @@ from higgs_runpod.library.store import (
     limit_error,
     list_library,
 )
+from higgs_runpod.library.takes import Take, TakeStore, check_take_id
 from higgs_runpod.request.openai_schema import OPENAI_VOICES
 from higgs_runpod.request.schema import VoiceFields, parse_voice_fields
 from higgs_runpod.request.voices import SAMPLE_RATE, ReferenceClip, VoiceResolver
@@ -66,6 +70,7 @@ class VoiceService:
         self.resolver = resolver
         self.encoder = encoder  # None: no model here (the CLI filling a volume)
         self.store = VoiceStore(settings.voices_path, settings.max_voices)
+        self.takes = TakeStore(settings.voices_path, settings.take_ttl_s, settings.max_takes)
 
     @property
     def reserved(self) -> frozenset[str]:
@@ -98,15 +103,60 @@ class VoiceService:
         """A voice from its fields and clip: `clip` (a form's file), else audio_base64 or
         audio_url in `raw` (downloaded on the event loop, like a request's audio_url)."""
         fields = parse_voice_fields(raw)
+        if fields.take_id is not None:
+            check_take_id(fields.take_id)
+        elif fields.transcript is None:
+            raise RequestError("transcript", "is required")
         await asyncio.to_thread(
             self.check_new, fields.name, fields.consent, fields.overwrite, "name"
         )
         data = await self._clip_bytes(fields, clip)
+        if fields.take_id is not None:
+            return await asyncio.to_thread(self._create_from_take, fields, fields.take_id)
+        assert data is not None
         return await asyncio.to_thread(self._create, fields, data)
 
     def _create(self, fields: VoiceFields, data: bytes) -> LibraryVoice:
+        assert fields.transcript is not None
         samples = self.resolver.clip(data, fields.transcript, "audio").samples
         return self.add(fields.name, samples, fields, source="upload", field="audio")
+
+    def _create_from_take(self, fields: VoiceFields, take_id: str) -> LibraryVoice:
+        """The remembered take as a voice, its clip and codes exactly as generated; the take
+        is consumed, or given back when the voice cannot be made (a name taken meanwhile)."""
+        claimed = self.takes.claim(take_id)
+        try:
+            take = self.takes.read(claimed)
+            voice = NewVoice(
+                name=fields.name,
+                clip_wav=take.clip_wav,
+                duration_s=take.duration_s,
+                transcript=fields.transcript or take.text,
+                description=fields.description or take.description,
+                consent=fields.consent,
+                source="take",
+                codes=take.codes,
+                tokenizer_id=take.tokenizer_id,
+            )
+            made = self.store.create(voice, overwrite=fields.overwrite)
+        except BaseException:
+            self.takes.restore(claimed, take_id)
+            raise
+        shutil.rmtree(claimed, ignore_errors=True)
+        return made
+
+    def remember(
+        self, take_id: str, samples: np.ndarray, text: str, description: str | None,
+        codes: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Write a take for a later keep: its clip as a worker reads it back (the clip
+        limits checked now, not at the keep), its codes as generated."""
+        assert self.encoder is not None  # a speech request: the model is loaded
+        clip_wav = audio.encode(samples, SAMPLE_RATE, "wav")
+        stored = self.resolver.clip(clip_wav, text, "remember_take")
+        duration_s = len(stored.samples) / SAMPLE_RATE
+        take = Take(clip_wav, codes, text, description, self.encoder().tokenizer_id, duration_s)
+        self.takes.write(take_id, take)
 
     def check_new(self, name: str, consent: str | None, overwrite: bool, field: str) -> None:
         """Every refusal that needs no clip: the name, its owner, MAX_VOICES, consent."""
@@ -137,6 +187,7 @@ class VoiceService:
     ) -> LibraryVoice:
         """Store 24 kHz samples as a voice; `codes` (a take's) are stored as they are, else
         the clip is encoded here when a model is loaded. `field` names the clip in errors."""
+        assert fields.transcript is not None
         clip_wav = audio.encode(samples, SAMPLE_RATE, "wav")
         stored = self.resolver.clip(clip_wav, fields.transcript, field)  # as workers read it
         tokenizer_id = None
@@ -180,10 +231,15 @@ class VoiceService:
         assert isinstance(codes, torch.Tensor)
         return codes
 
-    async def _clip_bytes(self, fields: VoiceFields, clip: bytes | None) -> bytes:
-        given = [clip is not None, fields.audio_base64 is not None, fields.audio_url is not None]
-        if sum(given) != 1:
-            raise RequestError("audio", "give exactly one clip: a file, audio_base64 or audio_url")
+    async def _clip_bytes(self, fields: VoiceFields, clip: bytes | None) -> bytes | None:
+        """The clip's bytes; None for a take's (it has its own)."""
+        given = [clip, fields.audio_base64, fields.audio_url, fields.take_id]
+        if sum(item is not None for item in given) != 1:
+            raise RequestError(
+                "audio", "give exactly one clip: a file, audio_base64, audio_url or take_id"
+            )
+        if fields.take_id is not None:
+            return None
         if clip is not None:
             return clip
         if fields.audio_base64 is not None:

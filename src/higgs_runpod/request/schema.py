@@ -138,12 +138,13 @@ class VoiceFields(_Strict):
     """A new library voice, from the queue API's `voice.create` or an HTTP create."""
 
     name: str = Field(max_length=64)
-    transcript: NonEmpty = Field(max_length=MAX_TRANSCRIPT_CHARS)
+    transcript: NonEmpty | None = Field(default=None, max_length=MAX_TRANSCRIPT_CHARS)
     description: NonEmpty | None = Field(default=None, max_length=MAX_NOTE_CHARS)
     consent: NonEmpty | None = Field(default=None, max_length=MAX_NOTE_CHARS)
     overwrite: bool = False
     audio_base64: NonEmpty | None = None
     audio_url: NonEmpty | None = Field(default=None, max_length=MAX_URL_CHARS)
+    take_id: str | None = Field(default=None, max_length=64)  # checked by library/takes.py
 
 
 class SpeechRequest(_Strict):
@@ -167,6 +168,7 @@ class SpeechRequest(_Strict):
     stream: bool = False
     output: Literal["inline", "s3"] | None = None  # None: s3 when a bucket is configured
     save_voice: SaveVoice | None = None
+    remember_take: bool = False  # keep the take for a voice create's take_id (library/takes.py)
 
     @field_validator("temperature", "top_p", "speed", mode="before")
     @classmethod
@@ -242,6 +244,14 @@ class SpeechRequest(_Strict):
                     "the speakers the text uses",
                 )
         return self
+
+    @property
+    def keeping(self) -> str | None:
+        """The field that asks for this take to be kept (save_voice, else remember_take),
+        which names the refusal of a take that could not be; None when none does."""
+        if self.save_voice is not None:
+            return "save_voice"
+        return "remember_take" if self.remember_take else None
 
     @property
     def speaker_tags(self) -> list[str]:

@@ -1,7 +1,7 @@
 """A request to what the engine is asked for, with every check made before generation.
 
     SpeechRequest --split_text--> chunks (MAX_TOTAL_FRAMES checked)
-        --save_voice? a keepable take (one voice, one chunk, a free name)
+        --save_voice / remember_take? a keepable take (one voice, one chunk; a free name)
         --VoiceResolver--> clips / descriptions --> GenerationPlan
     GenerationPlan (model loaded) --with_codes--> every clip with its audio codes
         (a library voice's own, else the voice cache's) --check_prompt--> MAX_PROMPT_TOKENS
@@ -83,7 +83,7 @@ class Planner:
         voices (downloads on the event loop, decoding in threads): every check that needs
         no model comes before any download."""
         chunks = await asyncio.to_thread(self._chunks, request)
-        if request.save_voice is not None:
+        if request.keeping is not None:
             await asyncio.to_thread(self._check_keepable, request, chunks)
         resolve = self.voices.resolve_async
         voice = await resolve(request.voice, "voice") if request.voice is not None else None
@@ -108,17 +108,19 @@ class Planner:
         return chunks
 
     def _check_keepable(self, request: SpeechRequest, chunks: list[Chunk]) -> None:
-        """Refuse, before any download or generation, a take that could not be kept."""
-        save = request.save_voice
-        assert save is not None
+        """Refuse, before any download or generation, a take that could not be kept (named
+        by the field that asks to keep it: save_voice or remember_take)."""
+        field = request.keeping
+        assert field is not None
         if request.speakers is not None or len(request.speaker_tags) > 1:
-            raise RequestError("save_voice", "only a single-voice take can be kept (no speakers)")
+            raise RequestError(field, "only a single-voice take can be kept (no speakers)")
         if len(chunks) != 1:
             raise RequestError(
-                "save_voice",
-                f"the text makes {len(chunks)} chunks; only a single-chunk take can be kept",
+                field, f"the text makes {len(chunks)} chunks; only a single-chunk take can be kept"
             )
-        self.library.check_new(save.name, save.consent, save.overwrite, "save_voice.name")
+        save = request.save_voice
+        if save is not None:
+            self.library.check_new(save.name, save.consent, save.overwrite, "save_voice.name")
 
     def with_codes(self, clip: ReferenceClip, counts: dict[str, int]) -> ReferenceClip:
         """The clip with its codes: a library voice's own, else from the voice cache (which
@@ -152,14 +154,14 @@ class Planner:
         speakers = {tag: attach(v) for tag, v in plan.speakers.items()} if plan.speakers else None
         coded = _plan(request, plan.chunks, attach(plan.voice), speakers)
         codes = CodesSource(counts, ms_since(started))
-        if request.save_voice is None:
+        if request.keeping is None:
             return coded, codes
         limit = self.settings.max_ref_audio_seconds
         frames = int(limit * self.engine.frame_rate)
         if "max_new_tokens" in request.model_fields_set and request.max_new_tokens > frames:
             raise RequestError(
                 "max_new_tokens",
-                f"must be at most {frames} with save_voice: a kept take is at most "
+                f"must be at most {frames} with {request.keeping}: a kept take is at most "
                 f"{limit:g} s (MAX_REF_AUDIO_SECONDS)",
             )
         params = replace(coded.params, max_new_tokens=min(coded.params.max_new_tokens, frames))

@@ -32,9 +32,10 @@ import torch
 from higgs_runpod.errors import RequestError
 from higgs_runpod.library.manage import Encoder, VoiceService
 from higgs_runpod.library.store import list_library
+from higgs_runpod.library.takes import new_take_id
 from higgs_runpod.request.prompts import normalize_text
 from higgs_runpod.request.schema import SpeechRequest, VoiceFields
-from higgs_runpod.request.voices import VoiceResolver
+from higgs_runpod.request.voices import VoiceDescription, VoiceResolver
 from higgs_runpod.service.planning import CodesSource, GenerationPlan, Planner, new_counts
 from higgs_runpod.service.results import (
     FrameCounter,
@@ -127,8 +128,10 @@ class SpeechService:
         request: SpeechRequest,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
+        take_id: str | None = None,
     ) -> Speech:
-        """A validated request to encoded audio; the model runs off the event loop."""
+        """A validated request to encoded audio; the model runs off the event loop.
+        `take_id`: the id a remembered take gets (default a new one)."""
         started = time.perf_counter()
         ready = await self.prepare(request)
         counter = FrameCounter(progress, len(ready.plan.chunks))
@@ -136,7 +139,7 @@ class SpeechService:
         decode_start = time.perf_counter()
         samples = await self.on_engine_thread(self._decode, synthesis.codes)
         decode_ms = ms_since(decode_start)
-        extra = await self._extra(request, ready, synthesis, samples)
+        extra = await self._extra(request, ready, synthesis, samples, take_id)
         encode_start = time.perf_counter()
         encoded, duration_s = await asyncio.to_thread(
             encode_whole, samples, self.engine.sample_rate, request
@@ -159,8 +162,10 @@ class SpeechService:
         request: SpeechRequest,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
+        take_id: str | None = None,
     ) -> AsyncGenerator[Piece | StreamEnd, None]:
-        """Audio pieces as frames complete, then a StreamEnd with usage and timings."""
+        """Audio pieces as frames complete, then a StreamEnd with usage and timings (and,
+        with remember_take, the take's id: `take_id`, else a new one)."""
         started = time.perf_counter()
         ready = await self.prepare(request)
         loop = asyncio.get_running_loop()
@@ -187,9 +192,9 @@ class SpeechService:
                 generation.cancel()
         synthesis = generation.result()
         samples = None
-        if request.save_voice is not None:
+        if request.keeping is not None:
             samples = await self.on_engine_thread(self._decode, synthesis.codes)
-        extra = await self._extra(request, ready, synthesis, samples)
+        extra = await self._extra(request, ready, synthesis, samples, take_id)
         timings = {**ready.timings(synthesis), "first_audio": pieces.first_audio_ms or 0.0,
                    "total": ms_since(started)}  # fmt: skip
         duration_s = encoder.samples_out / request.sample_rate
@@ -276,14 +281,29 @@ class SpeechService:
         return int(self.engine.sample_rate / self.engine.frame_rate)
 
     async def _extra(
-        self, request: SpeechRequest, ready: Prepared, synthesis: LongSynthesis, samples: Any
+        self,
+        request: SpeechRequest,
+        ready: Prepared,
+        synthesis: LongSynthesis,
+        samples: Any,
+        take_id: str | None,
     ) -> dict[str, Any]:
-        """The response's voice fields: where the codes came from, and the kept take."""
+        """The response's voice fields: where the codes came from, the kept take, and the
+        remembered one's id."""
         extra: dict[str, Any] = {"voice_codes": ready.codes.counts}
         if request.save_voice is not None:
             extra["saved_voice"] = await asyncio.to_thread(
                 self._keep_take, request, synthesis, samples
             )
+        if request.remember_take:
+            voice = ready.plan.voice
+            description = voice.text if isinstance(voice, VoiceDescription) else None
+            take_id = take_id or new_take_id()
+            await asyncio.to_thread(
+                self.library.remember, take_id, samples, normalize_text(request.text),
+                description, synthesis.codes,
+            )  # fmt: skip
+            extra["take_id"] = take_id
         return extra
 
     def _keep_take(self, request: SpeechRequest, synthesis: LongSynthesis, samples: Any) -> Any:
