@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from higgs_runpod.errors import ClientError
 from higgs_runpod.tools.client import Endpoint
@@ -123,6 +124,54 @@ def test_a_kept_take_is_listed_and_speaks_without_an_encode(
     assert done["voice_codes"]["library"] == 1
     again = httpx.post(f"{one.url}/v1/audio/speech", headers=AUTH, json=body, timeout=120)
     assert again.status_code == 409 and "already called 'take1'" in again.text
+
+
+def test_a_remembered_take_is_kept_on_the_other_worker_exactly(
+    workers: tuple[HttpServer, HttpServer], shared: Path
+) -> None:
+    """The take heard is the voice kept: its codes and clip as generated on one worker, kept
+    through the other, with no second generation and no encode."""
+    one, other = workers
+    body = {"model": "tts-1", "input": "Remember this take.", "response_format": "wav",
+            "seed": 9, "max_new_tokens": 40, "remember_take": True}  # fmt: skip
+    response = httpx.post(f"{one.url}/v1/audio/speech", headers=AUTH, json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    take_id = response.headers["x-take-id"]
+    take = shared / ".takes" / take_id
+    codes = torch.load(take / "codes.pt", weights_only=True)
+    clip = (take / "clip.wav").read_bytes()
+    assert "remembered" not in listed(other)
+
+    keep = {"name": "remembered", "take_id": take_id, "consent": "Generated."}
+    made = httpx.post(f"{other.url}/v1/audio/voices", headers=AUTH, json=keep, timeout=60)
+    assert made.status_code == 201, made.text
+    assert (made.json()["source"], made.json()["transcript"]) == ("take", "Remember this take.")
+    record = torch.load(shared / "remembered" / "codes.pt", weights_only=True)
+    assert torch.equal(record["codes"], codes)
+    assert (shared / "remembered" / "clip.wav").read_bytes() == clip
+    status, done = speak_sse(one, "remembered")
+    assert status == 200 and done["voice_codes"]["library"] == 1
+    assert done["voice_codes"]["encoded"] == 0
+
+    again = httpx.post(f"{one.url}/v1/audio/voices", headers=AUTH,
+                       json={**keep, "name": "twice"}, timeout=60)  # fmt: skip
+    assert again.status_code == 404 and again.json()["error"]["code"] == "take_not_found"
+    assert again.json()["error"]["param"] == "take_id"
+    bad = httpx.post(f"{one.url}/v1/audio/voices", headers=AUTH,
+                     json={**keep, "take_id": "../remembered"}, timeout=60)  # fmt: skip
+    assert bad.status_code == 400 and "take_id: must be a take id" in bad.text
+
+
+def test_an_sse_take_names_its_id_in_the_done_event(
+    workers: tuple[HttpServer, HttpServer], shared: Path
+) -> None:
+    one, _ = workers
+    status, done = speak_sse(one, "alloy", remember_take=True)
+    assert status == 200
+    assert (shared / ".takes" / done["take_id"] / "codes.pt").is_file()
+    status, error = speak_sse(one, "alloy", remember_take=True, max_new_tokens=900)
+    assert status == 400
+    assert "must be at most 750 with remember_take" in error["error"]["message"]
 
 
 def test_concurrent_creates_of_one_name_give_one_201_and_one_409(
