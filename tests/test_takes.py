@@ -161,7 +161,7 @@ def test_takes_that_cannot_be_kept_are_not_remembered(
 
 
 def small_take(text: str) -> Take:
-    return Take(make_wav(), torch.zeros((3, 2), dtype=torch.int64), text, None, "tok", 1.0)
+    return Take(make_wav(), torch.zeros((3, 2), dtype=torch.int64), text, None, "tok")
 
 
 def test_the_store_sweeps_expired_and_oldest_takes(tmp_path: Path) -> None:
@@ -177,3 +177,14 @@ def test_the_store_sweeps_expired_and_oldest_takes(tmp_path: Path) -> None:
     claimed = store.claim("c" * 32)
     assert store.read(claimed).text == "take 2"
     assert sorted(p.name for p in store.root.iterdir() if not p.name.startswith(".")) == ["d" * 32]
+
+
+def test_a_take_too_short_to_keep_fails_at_the_keep_not_before(
+    settings: Settings, engine: Engine, tmp_path: Path
+) -> None:
+    """The request that made it still answers (its audio was fine); only the keep refuses."""
+    worker = take_worker(settings, engine, tmp_path)
+    spoken = run(worker, {**TAKE, "max_new_tokens": 5})
+    assert spoken["duration_s"] < 0.5
+    error = keep(worker, spoken["take_id"])["error"]
+    assert error == "take_id: audio is shorter than 0.5 seconds"

@@ -127,11 +127,13 @@ class VoiceService:
         claimed = self.takes.claim(take_id)
         try:
             take = self.takes.read(claimed)
+            transcript = fields.transcript or take.text
+            stored = self.resolver.clip(take.clip_wav, transcript, "take_id")  # the limits
             voice = NewVoice(
                 name=fields.name,
                 clip_wav=take.clip_wav,
-                duration_s=take.duration_s,
-                transcript=fields.transcript or take.text,
+                duration_s=len(stored.samples) / SAMPLE_RATE,
+                transcript=transcript,
                 description=fields.description or take.description,
                 consent=fields.consent,
                 source="take",
@@ -149,14 +151,13 @@ class VoiceService:
         self, take_id: str, samples: np.ndarray, text: str, description: str | None,
         codes: torch.Tensor,
     ) -> None:  # fmt: skip
-        """Write a take for a later keep: its clip as a worker reads it back (the clip
-        limits checked now, not at the keep), its codes as generated."""
+        """Write a take for a later keep: its clip as a WAV (as save_voice stores it), its
+        codes as generated. The clip limits are checked by the keep, so that a take too
+        short to keep fails only there, not the request that made it."""
         assert self.encoder is not None  # a speech request: the model is loaded
         clip_wav = audio.encode(samples, SAMPLE_RATE, "wav")
-        stored = self.resolver.clip(clip_wav, text, "remember_take")
-        duration_s = len(stored.samples) / SAMPLE_RATE
-        take = Take(clip_wav, codes, text, description, self.encoder().tokenizer_id, duration_s)
-        self.takes.write(take_id, take)
+        self.takes.write(take_id, Take(clip_wav, codes, text, description,
+                                       self.encoder().tokenizer_id))  # fmt: skip
 
     def check_new(self, name: str, consent: str | None, overwrite: bool, field: str) -> None:
         """Every refusal that needs no clip: the name, its owner, MAX_VOICES, consent."""

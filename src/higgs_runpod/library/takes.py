@@ -6,7 +6,7 @@ a GPU (bf16, batch-dependent near-ties) it may not. So a request with `remember_
 writes what it generated to the volume, where any worker that mounts it can find it:
 
     VOICES_PATH/.takes/ID/take.json   text (as spoken), description (a described voice's),
-                                      tokenizer, created (epoch seconds), duration_s
+                                      tokenizer, created (epoch seconds)
     VOICES_PATH/.takes/ID/clip.wav    the decoded take, 24 kHz mono 16-bit
     VOICES_PATH/.takes/ID/codes.pt    the generated codes, as they are
 
@@ -50,7 +50,6 @@ class Take:
     text: str
     description: str | None
     tokenizer_id: str
-    duration_s: float
 
 
 def new_take_id() -> str:
@@ -81,8 +80,7 @@ class TakeStore:
             (staging / CLIP).write_bytes(take.clip_wav)
             torch.save(take.codes.to(torch.int64).contiguous(), staging / CODES)
             record = {"text": take.text, "description": take.description,
-                      "tokenizer": take.tokenizer_id, "created": time.time(),
-                      "duration_s": round(take.duration_s, 3)}  # fmt: skip
+                      "tokenizer": take.tokenizer_id, "created": time.time()}  # fmt: skip
             (staging / RECORD).write_text(json.dumps(record, ensure_ascii=False), "utf-8")
             os.rename(staging, self.root / take_id)
         finally:
@@ -111,7 +109,6 @@ class TakeStore:
             text=str(record["text"]),
             description=record.get("description"),
             tokenizer_id=str(record["tokenizer"]),
-            duration_s=float(record["duration_s"]),
         )
 
     def restore(self, claimed: Path, take_id: str) -> None:
