@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 import uvicorn
 from pydantic import SecretStr
 
@@ -210,7 +211,10 @@ def test_type_as_you_go_over_the_websocket(page_url: str) -> None:
 def test_the_library_upload_keep_and_delete(
     settings: Settings, engine: Engine, tmp_path: Path
 ) -> None:
-    """The page lists the library, uploads a clip as a voice, keeps a take, deletes."""
+    """The page lists the library, uploads a clip as a voice, keeps a take, deletes.
+
+    The take kept is the one heard: the page sends its take_id, so the voice's codes are
+    the take's as generated and no second speech request is made."""
     from playwright.sync_api import expect, sync_playwright
 
     voices = tmp_path / "voices"
@@ -222,6 +226,15 @@ def test_the_library_upload_keep_and_delete(
         try:
             with contextmanager(serve_page)(own, SpeechService(own, engine)) as url:
                 page = browser.new_page()
+                speech_posts: list[str] = []
+                page.on(
+                    "request",
+                    lambda r: (
+                        speech_posts.append(r.url)
+                        if r.method == "POST" and r.url.endswith("/v1/audio/speech")
+                        else None
+                    ),
+                )
                 page.goto(url)
                 library = page.locator("#library")
                 expect(library.locator("li")).to_have_count(0)
@@ -238,6 +251,8 @@ def test_the_library_upload_keep_and_delete(
                 page.get_by_label("Max length").fill("30")
                 page.get_by_role("button", name="Generate").click()
                 expect(page.get_by_role("status")).to_contain_text("Done", timeout=60_000)
+                take_id = page.evaluate("lastTake")
+                take_codes = torch.load(voices / ".takes" / take_id / "codes.pt", weights_only=True)
                 page.get_by_label("Keep this voice as").fill("kept")
                 page.get_by_role("button", name="Keep this voice").click()
                 expect(page.locator("#library-status")).to_contain_text(
@@ -245,6 +260,17 @@ def test_the_library_upload_keep_and_delete(
                 )
                 expect(library).to_contain_text("kept (take")
                 assert (voices / "kept" / "codes.pt").is_file()
+                kept = torch.load(voices / "kept" / "codes.pt", weights_only=True)["codes"]
+                assert torch.equal(kept, take_codes)  # the take heard, not made again
+                assert len(speech_posts) == 1
+                assert not (voices / ".takes" / take_id).exists()
+                assert page.locator("#keep-box").is_hidden()  # a take is kept once
+
+                page.get_by_label("Remember the take").uncheck()
+                page.get_by_role("button", name="Generate").click()
+                expect(page.get_by_role("status")).to_contain_text("Done", timeout=60_000)
+                assert page.locator("#keep-box").is_hidden()  # nothing remembered to keep
+                assert page.evaluate("lastTake") is None
 
                 page.get_by_role("button", name="Delete mine").click()
                 expect(page.locator("#library-status")).to_contain_text("Deleted mine.")
