@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from higgs_runpod.errors import ClientError
+from higgs_runpod.library.takes import Take, TakeStore
 from higgs_runpod.tools.client import Endpoint
 from higgs_runpod.tools.library_client import Voices
 from support.audio import b64, make_wav
@@ -323,3 +324,43 @@ def test_the_cli_fills_a_volume_and_calls_servers(
     )
     assert "cli1\tupload" in cli("voices", "--url", other.url, "--http", env=env).stdout
     assert cli(*remote, "rm", "cli1", env=env).returncode == 0
+
+
+def test_the_client_keeps_takes_on_both_servers(
+    queue_server: LocalServer, workers: tuple[HttpServer, HttpServer]
+) -> None:
+    """Voices.keep sends take_id: the queue's voice.create, or JSON to /v1/audio/voices."""
+    one, _ = workers
+    queued = queue_server.runsync({"text": "Queued take.", "max_new_tokens": 30,
+                                   "remember_take": True})["output"]  # fmt: skip
+    body = {"model": "tts-1", "input": "HTTP take.", "max_new_tokens": 30, "remember_take": True}
+    spoken = httpx.post(f"{one.url}/v1/audio/speech", headers=AUTH, json=body, timeout=120)
+    for voices, take_id, text in (
+        (Voices(endpoint=Endpoint(queue_server.url)), queued["take_id"], "Queued take."),
+        (Voices(http_url=one.url, http_key=KEY), spoken.headers["x-take-id"], "HTTP take."),
+    ):
+        with voices:
+            made = voices.keep("client-take", take_id, consent="Generated.")
+            assert (made["source"], made["transcript"]) == ("take", text)
+            with pytest.raises(ClientError, match="take_id: no take"):
+                voices.keep("client-take2", take_id)
+            voices.remove("client-take")
+
+
+def test_the_cli_keeps_a_take_on_the_volume(tmp_path: Path) -> None:
+    """`voices add NAME --take ID` with no server: the take's codes and clip, as they are."""
+    volume = tmp_path / "volume"
+    codes = torch.arange(24, dtype=torch.int64).reshape(12, 2)
+    TakeStore(volume, 3600.0, 10).write("ab" * 16, Take(CLIP, codes, "A take.", "Calm.", "tok"))
+    env = {"VOICES_PATH": str(volume)}
+    added = cli("voices", "add", "fromtake", "--take", "ab" * 16, env=env)
+    assert added.returncode == 0, added.stderr
+    made = json.loads(added.stdout)
+    assert (made["source"], made["transcript"], made["description"]) == ("take", "A take.", "Calm.")
+    assert torch.equal(torch.load(volume / "fromtake" / "codes.pt")["codes"], codes)
+    again = cli("voices", "add", "other", "--take", "ab" * 16, env=env)
+    assert again.returncode == 1 and "take_id: no take" in again.stderr
+    both = cli("voices", "add", "x", str(tmp_path), "--take", "ab" * 16, env=env)
+    assert both.returncode == 2 and "give a clip or --take ID" in both.stderr
+    bare = cli("voices", "add", "x", str(tmp_path), env=env)
+    assert bare.returncode == 2 and "--transcript is required with a clip" in bare.stderr

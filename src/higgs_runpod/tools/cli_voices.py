@@ -29,10 +29,15 @@ def add_voices_command(commands: Any) -> None:
     where.add_argument("--url", help="base URL of a local serve, or of an HTTP server (--http)")
     voices.add_argument("--http", action="store_true", help="--url is an HTTP-mode server")
     actions = voices.add_subparsers(dest="voices_command")
-    add = actions.add_parser("add", help="add a voice from a clip and its transcript")
+    add = actions.add_parser(
+        "add", help="add a voice from a clip and its transcript, or from a remembered take"
+    )
     add.add_argument("name")
-    add.add_argument("clip", type=Path)
-    add.add_argument("--transcript", required=True, help="what the clip says")
+    add.add_argument("clip", type=Path, nargs="?", help="the clip (none with --take)")
+    add.add_argument(
+        "--take", metavar="ID", help="a take_id of a request with remember_take: kept exactly"
+    )
+    add.add_argument("--transcript", help="what the clip says (a take's: its text by default)")
     add.add_argument("--description")
     add.add_argument("--consent", help="who agreed to the cloning, and how")
     add.add_argument("--overwrite", action="store_true", help="replace a voice of that name")
@@ -46,6 +51,9 @@ def cmd_voices(args: argparse.Namespace) -> int:
     """Manage a voice library: a queue endpoint's (--endpoint), a server's (--url), or the
     one on VOICES_PATH (neither: for filling a volume before any worker runs)."""
     action = args.voices_command or "list"
+    if action == "add" and (problem := _add_problem(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)  # noqa: T201
+        return 2
     try:
         if not (args.endpoint or args.url):
             return _voices_local(action, args)
@@ -66,6 +74,15 @@ def cmd_voices(args: argparse.Namespace) -> int:
         return 1
 
 
+def _add_problem(args: argparse.Namespace) -> str | None:
+    """Why `voices add`'s arguments cannot make a voice, or None."""
+    if (args.clip is None) == (args.take is None):
+        return "give a clip or --take ID (a remembered take), not both"
+    if args.clip is not None and args.transcript is None:
+        return "--transcript is required with a clip"
+    return None
+
+
 def _voices_remote(voices: Voices, action: str, args: argparse.Namespace) -> int:
     if action == "list":
         _print_voices([v for v in voices.list() if v.get("type", "library") == "library"])
@@ -73,7 +90,10 @@ def _voices_remote(voices: Voices, action: str, args: argparse.Namespace) -> int
         fields = {"description": args.description, "consent": args.consent}
         if args.overwrite:
             fields["overwrite"] = True
-        made = voices.add(args.name, args.clip.read_bytes(), args.transcript, **fields)
+        if args.take is not None:
+            made = voices.keep(args.name, args.take, transcript=args.transcript, **fields)
+        else:
+            made = voices.add(args.name, args.clip.read_bytes(), args.transcript, **fields)
         print(json.dumps(made))  # noqa: T201
     elif action == "get":
         print(json.dumps(voices.get(args.name)))  # noqa: T201
@@ -96,9 +116,11 @@ def _voices_local(action: str, args: argparse.Namespace) -> int:
         _print_voices(voices)
     elif action == "add":
         fields = {"name": args.name, "transcript": args.transcript, "overwrite": args.overwrite,
-                  "description": args.description, "consent": args.consent}  # fmt: skip
+                  "description": args.description, "consent": args.consent,
+                  "take_id": args.take}  # fmt: skip
         given = {key: value for key, value in fields.items() if value is not None}
-        made = asyncio.run(service.create(given, args.clip.read_bytes()))
+        clip = args.clip.read_bytes() if args.clip is not None else None
+        made = asyncio.run(service.create(given, clip))
         print(json.dumps(made.public()))  # noqa: T201
     elif action == "get":
         print(json.dumps(service.get(args.name).public()))  # noqa: T201

@@ -54,6 +54,15 @@ class Voices:
             self._http.post(self._url(), data=form, files={"audio": ("clip", clip)})
         )
 
+    def keep(self, name: str, take_id: str, **fields: Any) -> dict[str, Any]:
+        """Keep a remembered take (a speech response's take_id) as a voice, exactly;
+        `fields`: transcript, description, consent, overwrite."""
+        given = {key: value for key, value in fields.items() if value is not None}
+        if self.endpoint is not None:
+            return self._action("voice.create", name=name, take_id=take_id, **given)
+        body = {"name": name, "take_id": take_id, **given}
+        return self._answer(self._http.post(self._url(), json=body))
+
     def list(self) -> list[dict[str, Any]]:
         """The library's voices (an HTTP server lists OpenAI's names after them)."""
         if self.endpoint is not None:
