@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from higgs_runpod.errors import TakeNotFoundError
 from higgs_runpod.fronts.runpod import Worker
 from higgs_runpod.library.takes import TAKES_DIR, Take, TakeStore
 from higgs_runpod.request.schema import parse_request
@@ -188,3 +190,26 @@ def test_a_take_too_short_to_keep_fails_at_the_keep_not_before(
     assert spoken["duration_s"] < 0.5
     error = keep(worker, spoken["take_id"])["error"]
     assert error == "take_id: audio is shorter than 0.5 seconds"
+
+
+def test_two_keeps_of_one_take_at_once_give_it_to_one(tmp_path: Path) -> None:
+    store = TakeStore(tmp_path, ttl_s=3600.0, max_takes=10)
+    store.write("e" * 32, small_take("shared"))
+    barrier = threading.Barrier(8)
+    won: list[Path] = []
+    lost: list[TakeNotFoundError] = []
+
+    def claim() -> None:
+        barrier.wait()
+        try:
+            won.append(store.claim("e" * 32))
+        except TakeNotFoundError as error:
+            lost.append(error)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(won), len(lost)) == (1, 7)
+    assert store.read(won[0]).text == "shared"
