@@ -126,6 +126,26 @@ def test_uploaded_clip_and_errors(page_url: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (.ci/run)")
+def test_a_take_too_long_to_remember_says_what_to_untick(page_url: str) -> None:
+    """Remembering is on by default; a text of several chunks is refused before generation
+    with the server's words and the page's hint, and made once the box is unticked."""
+    from playwright.sync_api import expect
+
+    with opened(page_url) as page:
+        page.get_by_label("Text", exact=True).fill("One more word. " * 40)
+        page.locator("#format").select_option("wav")
+        page.get_by_label("Max length").fill("20")
+        page.get_by_role("button", name="Generate").click()
+        status = page.get_by_role("status")
+        expect(status).to_contain_text("remember_take: the text makes 2 chunks", timeout=30_000)
+        expect(status).to_contain_text("untick “Remember the take” to make it anyway")
+        page.get_by_label("Remember the take").uncheck()
+        page.get_by_role("button", name="Generate").click()
+        expect(status).to_contain_text("Done", timeout=60_000)
+        assert page.locator("#keep-box").is_hidden()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (.ci/run)")
 def test_the_key_goes_in_x_api_key(keyed_page_url: str) -> None:
     from playwright.sync_api import expect, sync_playwright
 

@@ -181,6 +181,7 @@ def error_of(received: Received) -> str:
         (config(voice="bob"), "unknown voice 'bob'"),
         (config(input="Hi."), "config.input: not allowed here"),
         (config(save_voice={"name": "kept"}), "config.save_voice: not allowed here"),
+        (config(remember_take=True), "config.remember_take: not allowed here"),
         (config(temperature=9), "temperature: input should be less than or equal to 2"),
         ({"voice": "alice"}, "model: is required"),
         ([1, 2], "the first message must be a JSON object"),
