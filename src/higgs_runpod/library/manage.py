@@ -101,7 +101,8 @@ class VoiceService:
 
     async def create(self, raw: dict[str, Any], clip: bytes | None = None) -> LibraryVoice:
         """A voice from its fields and clip: `clip` (a form's file), else audio_base64 or
-        audio_url in `raw` (downloaded on the event loop, like a request's audio_url)."""
+        audio_url in `raw` (downloaded on the event loop, like a request's audio_url), or
+        a remembered take's `take_id` (its own clip and codes)."""
         fields = parse_voice_fields(raw)
         if fields.take_id is not None:
             check_take_id(fields.take_id)
