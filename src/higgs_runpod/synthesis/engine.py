@@ -53,7 +53,7 @@ from higgs_runpod.synthesis.scheduler import Decoded, DecodeLoop, Request
 from higgs_runpod.synthesis.slots import DecodeState, GraphedSteps, SlotCache, decode_step
 from higgs_runpod.synthesis.streaming import DelayAligner, receptive_field_frames
 from higgs_runpod.synthesis.voice_cache import VoiceCache
-from higgs_runpod.timing import ms_since as _ms_since
+from higgs_runpod.timing import ms_since
 
 __all__ = ["Engine", "FrameCallback", "SamplingParams", "Synthesis"]
 
@@ -304,7 +304,7 @@ class Engine:
         inputs = request.prepare()
         prompt_ids = inputs["input_ids"][0]
         request.prompt_tokens = int(prompt_ids.shape[0])
-        request.prepare_ms = _ms_since(started)
+        request.prepare_ms = ms_since(started)
         request.started = time.perf_counter()
         limit = request.prompt_tokens + request.settings.max_new_tokens
         if limit > self.context:
