@@ -243,7 +243,8 @@ def uvicorn_config(app: ASGIApp, settings: Settings, host: str, port: int) -> uv
         ws=GuardedWebSocketProtocol,
         # uvicorn counts the connection asking too: +1 serves exactly HTTP_MAX_CONNECTIONS.
         limit_concurrency=settings.http_max_connections + 1,
-        timeout_keep_alive=round(settings.http_keep_alive_s),
+        # Typed int, but uvicorn hands it to loop.call_later: fractions of a second work.
+        timeout_keep_alive=settings.http_keep_alive_s,  # type: ignore[arg-type]
         # A WebSocket config may carry a reference clip; audio does not compress.
         ws_max_size=settings.http_max_body_bytes,
         ws_per_message_deflate=False,
