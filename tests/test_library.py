@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,28 @@ def test_overwrite_replaces_the_voice(settings: Settings, engine: Engine, tmp_pa
     assert "already called 'bob'" in create(worker, transcript="Again.")["error"]
     assert create(worker, transcript="Again.", overwrite=True)["transcript"] == "Again."
     assert [voice.transcript for voice in list_library(tmp_path)] == ["Again."]
+
+
+def test_an_overwrite_never_leaves_the_name_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new voice is in place before the old one's files are deleted (which takes a
+    while on a network volume), so a request meanwhile finds one of the two, never none."""
+    store = VoiceStore(tmp_path, max_voices=10)
+    store.create(_new_voice("bob"))
+    seen_while_deleting: list[object] = []
+    rmtree = library.shutil.rmtree
+
+    def watching_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).endswith(".deleted"):
+            seen_while_deleting.append(library.find_voice(tmp_path, "bob"))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(library.shutil, "rmtree", watching_rmtree)
+    replaced = store.create(replace(_new_voice("bob"), transcript="Again."), overwrite=True)
+    assert replaced.transcript == "Again."
+    assert len(seen_while_deleting) == 1 and seen_while_deleting[0] is not None
+    assert sorted(os.listdir(tmp_path)) == ["bob"]
 
 
 @pytest.mark.parametrize(

@@ -221,10 +221,11 @@ class VoiceStore:
         if existing is None and len(list_library(self.root)) >= self.max_voices:
             raise limit_error(self.max_voices)
         staging = self._hidden(voice.name, "partial")
+        replaced: Path | None = None
         try:
             self._write(staging, voice)
-            if existing is not None:
-                self._retire(existing)
+            if existing is not None:  # out of sight and the new one in: two renames apart
+                replaced = self._hide(existing)
             try:
                 os.rename(staging, self.root / voice.name)
             except OSError as error:
@@ -233,6 +234,8 @@ class VoiceStore:
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
         found = find_voice(self.root, voice.name)
         assert found is not None
         if existing is None and len(list_library(self.root)) > self.max_voices:
@@ -279,17 +282,25 @@ class VoiceStore:
         (staging / METADATA).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
 
     def _retire(self, voice: LibraryVoice) -> None:
-        """Take a voice out of sight at once (a rename), then delete its files."""
+        """Take a voice out of sight at once, then delete its files."""
+        hidden = self._hide(voice)
+        if hidden is not None:
+            shutil.rmtree(hidden, ignore_errors=True)
+
+    def _hide(self, voice: LibraryVoice) -> Path | None:
+        """Take a voice out of sight at once (a rename); returns the directory to delete,
+        None when nothing is left to (a hand-copied voice's files are unlinked here, and a
+        voice another worker deleted first is gone already)."""
         if voice.directory is None:
             voice.audio_path.unlink(missing_ok=True)
             voice.audio_path.with_suffix(".txt").unlink(missing_ok=True)
-            return
-        retired = self._hidden(voice.name, "deleted")
+            return None
+        hidden = self._hidden(voice.name, "deleted")
         try:
-            os.rename(voice.directory, retired)
-        except FileNotFoundError:  # another worker deleted it first
-            return
-        shutil.rmtree(retired, ignore_errors=True)
+            os.rename(voice.directory, hidden)
+        except FileNotFoundError:
+            return None
+        return hidden
 
     def _hidden(self, name: str, kind: str) -> Path:
         return self.root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{kind}"
