@@ -91,12 +91,19 @@ class AudioStream:
         self.take_id = new_take_id() if request.remember_take else None
         self.on_close = on_close
         self.cancel = threading.Event()
-        self.usage: dict[str, int] | None = None  # known once the audio is complete
         self.summary: dict[str, Any] = {}  # the stream's metadata, once the audio is complete
-        self.duration_s = 0.0
         self.first_audio_s: float | None = None
         self._started = time.perf_counter()
         self._pieces = self._generate()
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        """Tokens and frames, once the audio is complete."""
+        return self.summary.get("usage")
+
+    @property
+    def duration_s(self) -> float:
+        return float(self.summary.get("duration_s", 0.0))
 
     async def first(self) -> bytes:
         """The first piece (b"" for empty audio); errors surface here, before any byte."""
@@ -121,7 +128,6 @@ class AudioStream:
                     yield item.audio
                 else:
                     self.summary = item.metadata
-                    self.usage, self.duration_s = self.summary["usage"], self.summary["duration_s"]
         finally:
             self.on_close()
 
