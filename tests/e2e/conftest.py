@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support.servers import LocalServer
+from support.servers import LocalServer, serving
 
 HERE = Path(__file__).parent
 
@@ -27,26 +27,20 @@ def local_server(
 ) -> Iterator[LocalServer]:
     """A worker serving the tiny model on loopback; http and private URLs allowed for tests."""
     env = {**base_env, "ALLOW_HTTP_AUDIO_URLS": "1", "ALLOW_PRIVATE_AUDIO_URLS": "1"}
-    server = LocalServer(env, tmp_path_factory.mktemp("server") / "server.log")
-    try:
-        server.wait_ready()
+    with serving(LocalServer(env, tmp_path_factory.mktemp("server") / "server.log")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
 def streaming_server(
     base_env: dict, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalServer]:
-    server = LocalServer(
-        {**base_env, "ENABLE_STREAMING": "1"}, tmp_path_factory.mktemp("stream") / "server.log"
-    )
-    try:
-        server.wait_ready()
+    with serving(
+        LocalServer(
+            {**base_env, "ENABLE_STREAMING": "1"}, tmp_path_factory.mktemp("stream") / "server.log"
+        )
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -54,9 +48,7 @@ def s3_server(
     base_env: dict[str, str], s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalServer]:
     """`higgs-runpod serve` on loopback with S3 output configured."""
-    server = LocalServer({**base_env, **s3_env}, tmp_path_factory.mktemp("s3server") / "log")
-    try:
-        server.wait_ready()
+    with serving(
+        LocalServer({**base_env, **s3_env}, tmp_path_factory.mktemp("s3server") / "log")
+    ) as server:
         yield server
-    finally:
-        server.stop()

@@ -22,7 +22,7 @@ import pytest
 import soundfile
 
 from higgs_runpod.synthesis import audio
-from support.servers import HttpServer
+from support.servers import HttpServer, serving
 
 KEY = "test-key-0123456789"
 CHUNK_BYTES = 4096
@@ -41,12 +41,8 @@ def server(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
         "HTTP_MAX_BODY_BYTES": str(MAX_BODY),
         "OPENAI_VOICE_MAP": "alloy=alice",
     }
-    server = HttpServer(env, tmp_path_factory.mktemp("http") / "server.log")
-    try:
-        server.wait_ready()
+    with serving(HttpServer(env, tmp_path_factory.mktemp("http") / "server.log")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

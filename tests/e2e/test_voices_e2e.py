@@ -20,7 +20,7 @@ from higgs_runpod.tools.client import Endpoint
 from higgs_runpod.tools.library_client import Voices
 from support.audio import b64, make_wav
 from support.cli import cli
-from support.servers import HttpServer, LocalServer
+from support.servers import HttpServer, LocalServer, serving
 
 KEY = "voices-key-0123456789"
 AUTH = {"X-API-Key": KEY}
@@ -252,13 +252,9 @@ def queue_server(
     base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalServer]:
     voices = tmp_path_factory.mktemp("queue-voices")
-    server = LocalServer({**base_env, "VOICES_PATH": str(voices)},
-                         tmp_path_factory.mktemp("queue") / "server.log")  # fmt: skip
-    try:
-        server.wait_ready()
+    env = {**base_env, "VOICES_PATH": str(voices)}
+    with serving(LocalServer(env, tmp_path_factory.mktemp("queue") / "server.log")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_the_four_actions_through_the_local_api_server(queue_server: LocalServer) -> None:

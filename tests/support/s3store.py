@@ -32,6 +32,8 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.serving import make_server
 
+from support.servers import stop_process
+
 REGION = "us-east-1"
 # Distinctive fake credentials: tests grep outputs and logs for them.
 S3_KEY_ID = "AKIATESTKEYID7Q2X9Z"
@@ -133,9 +135,5 @@ class AuthStore:
         raise TimeoutError("moto server not ready")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
         self._log.close()

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import uvicorn
@@ -21,6 +23,8 @@ from higgs_runpod.fronts.http_guard import uvicorn_config
 from higgs_runpod.fronts.http_state import Service
 from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import Settings
+
+Started = TypeVar("Started", bound="ServerProcess")
 
 
 def free_port() -> int:
@@ -66,12 +70,27 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
         self._log.close()
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Terminate, and kill what does not exit within 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@contextmanager
+def serving(server: Started) -> Iterator[Started]:
+    """`server` once it is ready; stopped afterwards, also when it never got ready."""
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 class ThreadServer:
