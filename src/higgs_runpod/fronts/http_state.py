@@ -44,7 +44,7 @@ class Service:
                 self.load_failed = True
                 log.exception("loading the model failed")
 
-        return asyncio.ensure_future(self.speech.on_engine_thread(load))
+        return asyncio.ensure_future(asyncio.to_thread(load))
 
     @property
     def ready(self) -> bool:

@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -55,8 +55,6 @@ from higgs_runpod.synthesis.streaming import PieceDecoder, decode_as_streamed
 from higgs_runpod.timing import ms_since
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -93,11 +91,6 @@ class SpeechService:
         self._generation_threads = ThreadPoolExecutor(
             max_workers=settings.max_batch_size, thread_name_prefix="job"
         )
-
-    async def on_engine_thread(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking engine call (load, decode) off the event loop; the engine does the
-        model work itself, on its decode thread."""
-        return await asyncio.to_thread(function, *args, **kwargs)
 
     def _encoder(self) -> Encoder:
         self.engine.load()
@@ -137,7 +130,7 @@ class SpeechService:
         counter = FrameCounter(progress, len(ready.plan.chunks))
         synthesis = await self.generate(ready.plan, counter.frames, counter.chunk, cancel)
         decode_start = time.perf_counter()
-        samples = await self.on_engine_thread(self._decode, synthesis.codes)
+        samples = await asyncio.to_thread(self._decode, synthesis.codes)
         decode_ms = ms_since(decode_start)
         extra = await self._extra(request, ready, synthesis, samples, take_id)
         encode_start = time.perf_counter()
@@ -193,7 +186,7 @@ class SpeechService:
         synthesis = generation.result()
         samples = None
         if request.keeping is not None:
-            samples = await self.on_engine_thread(self._decode, synthesis.codes)
+            samples = await asyncio.to_thread(self._decode, synthesis.codes)
         extra = await self._extra(request, ready, synthesis, samples, take_id)
         timings = {**ready.timings(synthesis), "first_audio": pieces.first_audio_ms or 0.0,
                    "total": ms_since(started)}  # fmt: skip
@@ -263,7 +256,7 @@ class SpeechService:
         started = time.perf_counter()
         plan = await self.planner.plan(request)
         resolve_ms = ms_since(started)
-        load_ms = await self.on_engine_thread(self.engine.load) * 1000.0
+        load_ms = await asyncio.to_thread(self.engine.load) * 1000.0
         plan, codes = await asyncio.to_thread(self.planner.with_all_codes, plan, request)
         await asyncio.to_thread(self.planner.check_prompt, plan)
         return Prepared(plan, codes, resolve_ms, load_ms)
