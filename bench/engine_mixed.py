@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-frames", type=int, default=1500)
     parser.add_argument("--short-frames", type=int, default=20)
     parser.add_argument("--http", type=int, default=8, help="HTTP requests (0: skip)")
+    parser.add_argument(
+        "--prompt-cache-tokens",
+        default="4096",
+        help="PROMPT_CACHE_TOKENS (0: every prompt prefilled whole)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, few frames")
     args = parser.parse_args(argv)
     if args.quick:
@@ -199,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "VOICES_PATH": str(Path(tmp) / "voices"), "DEVICE": "cpu",
             "MAX_BATCH_SIZE": str(max(args.jobs, 2)),
             "MAX_CONTEXT_TOKENS": str(max(1024, args.long_frames + 256)),
+            "PROMPT_CACHE_TOKENS": args.prompt_cache_tokens,
         })  # fmt: skip
         worker = Worker(SpeechService(settings))
         engine = worker.service.engine
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(as_they_arrive(worker, inputs[:2], 0.0))  # warm-up
         alone = report_mix("one at a time", *asyncio.run(one_at_a_time(worker, inputs)))
         arriving = report_mix("as they arrive", *asyncio.run(as_they_arrive(worker, inputs, 1.0)))
-        print(f"speed-up: {alone / arriving:.2f}x")
+        print(f"speed-up: {alone / arriving:.2f}x; prompt cache: "
+              f"{engine.prompt_cache.reused_tokens} prompt tokens reused in all")  # fmt: skip
         asyncio.run(short_during_long(worker, args.long_frames, args.short_frames))
         if args.http:
             server = ThreadedHTTP(settings, worker)

@@ -2,8 +2,8 @@
 at a time and with N streams at once (p50 / p95).
 
 `higgs-runpod http` runs on loopback with a random checkpoint (see http_first_byte.py:
-`--model cpu` is sized for a CPU, `tiny` is the test model); every request is the same
-seeded text and runs `--steps` decode steps. The clock:
+`--model cpu` is sized for a CPU, `tiny` is the test model); every request is a seeded
+sentence of its own and runs `--steps` decode steps. The clock:
 
 - HTTP: from sending `POST /v1/audio/speech` to the first body byte;
 - WebSocket: from sending the `{"text", "close"}` message on an open, configured socket
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -34,7 +35,21 @@ import httpx
 from http_first_byte import Server, free_port, make_checkpoint
 from websockets.asyncio.client import connect
 
-TEXT = "The quick brown fox jumps over the lazy dog."
+# Every request gets the next of these, so no two at once share a prompt beyond the
+# system prompt (the engine's prompt cache would skip a repeated prompt's prefill).
+TEXTS = itertools.cycle(
+    [
+        "The quick brown fox jumps over the lazy dog.",
+        "Hello, world! How are you doing on this fine day?",
+        "Audio is recorded in a quiet room with one microphone.",
+        "You are listening to a test of the streaming engine.",
+        "Fine, thanks. And you, after such a very long week?",
+        "Numbers like one, two and three are read one by one.",
+        "Every request here carries its own text and its seed.",
+        "A voice agent sends text as soon as the model writes it.",
+        "The first piece of audio is what the caller waits for.",
+    ]
+)
 FORMATS = ("wav", "mp3", "opus")
 TRANSPORTS = ("http", "websocket")
 
@@ -44,7 +59,7 @@ def cells() -> list[tuple[str, str]]:
 
 
 async def http_first_audio_ms(url: str, audio_format: str, steps: int) -> float:
-    body = {"model": "tts-1", "input": TEXT, "response_format": audio_format, "seed": 1,
+    body = {"model": "tts-1", "input": next(TEXTS), "response_format": audio_format, "seed": 1,
             "max_new_tokens": steps}  # fmt: skip
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
@@ -65,7 +80,7 @@ async def ws_first_audio_ms(url: str, audio_format: str, steps: int) -> float:
     async with connect(ws_url, open_timeout=60, max_size=None) as socket:
         await socket.send(json.dumps(config))
         start = time.perf_counter()
-        await socket.send(json.dumps({"text": TEXT, "close": True}))
+        await socket.send(json.dumps({"text": next(TEXTS), "close": True}))
         first = None
         async for message in socket:
             if isinstance(message, bytes) and first is None:

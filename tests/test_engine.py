@@ -105,6 +105,7 @@ def test_slots_follow_the_kv_cache_budget(base_env: dict[str, str]) -> None:
     engine = Engine(load_settings({**budget, "KV_CACHE_TOKENS": "600"}))
     engine.load()
     assert engine.slots == 2  # 600 tokens hold two 256-token contexts
+    assert engine.prompt_cache.max_tokens == 88  # the prompt cache takes what they leave
     with pytest.raises(Exception, match=r"cannot hold one 256-token context"):
         Engine(load_settings({**budget, "KV_CACHE_TOKENS": "100"})).load()
 

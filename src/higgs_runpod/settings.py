@@ -280,6 +280,14 @@ class Settings(HttpSettings):
         ge=0,
         description="KV-cache budget in tokens; 0 computes it from KV_CACHE_MEMORY_FRACTION.",
     )
+    prompt_cache_tokens: int = Field(
+        default=4096,
+        ge=0,
+        description="Tokens of recent prompts whose keys and values are kept, so a prompt that "
+        "begins as one of them (the system prompt, a clone's reference clip, a long text's "
+        "chunk before) prefills only the rest; taken from what the slots leave of the "
+        "KV-cache budget. 0 turns it off.",
+    )
     cuda_graphs: bool = Field(
         default=True,
         description="Capture the decode step as CUDA graphs at start-up (GPU only; falls back "

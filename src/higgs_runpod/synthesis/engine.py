@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from transformers import (
     BatchFeature,
-    DynamicCache,
     HiggsAudioV2ForConditionalGeneration,
     HiggsAudioV2Processor,
     HiggsAudioV2TokenizerModel,
@@ -41,6 +40,7 @@ from higgs_runpod.errors import ModelNotFoundError, RequestError
 from higgs_runpod.request.prompts import render_prompt
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis.loading import load_checkpoints, resolve_device
+from higgs_runpod.synthesis.prompt_cache import PromptCache
 from higgs_runpod.synthesis.sampler import (
     ALL_FEATURES,
     AudioVocab,
@@ -92,6 +92,7 @@ class Engine:
         self.slots = 0
         self.context = 0
         self.cuda_graphs = False
+        self.prompt_cache = PromptCache(0)
         self._loop = DecodeLoop()
         self._load_lock = threading.Lock()
         self._step: Callable[..., None] | None = None
@@ -178,6 +179,10 @@ class Engine:
                  budget, self.slots, self.context, self.slots * self.context,
                  self.slots * self.context * per_token / 2**30)  # fmt: skip
         self._cache = SlotCache(config, self.slots, self.context, self.dtype, self.device)
+        self.prompt_cache = PromptCache(
+            min(self.settings.prompt_cache_tokens, budget - self.slots * self.context)
+        )
+        log.info("prompt cache: %d tokens", self.prompt_cache.max_tokens)
         self._state = DecodeState.allocate(self.slots, self.vocab, self.device)
 
         def eager(rows: int, length: int, features: Features = ALL_FEATURES) -> None:
@@ -314,15 +319,14 @@ class Engine:
                 f"context) plus max_new_tokens ({request.settings.max_new_tokens}) exceeds the "
                 f"{self.context} tokens a request may use on this worker (MAX_CONTEXT_TOKENS)",
             )
-        cache = DynamicCache(config=self.model.config)
-        output = self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
-        self._cache.fill(slot, cache)
+        prompt = self.prompt_cache.forward(self.model, inputs)
+        self._cache.fill(slot, prompt.cache)
         audio = inputs.get("audio_input_ids")
         sampling = self._state.sampling
         sampling.load(slot, request.settings, self.vocab, prompt_ids.cpu(),
                       audio[0] if audio is not None else None)  # fmt: skip
         features = features_of([request.settings], self.vocab)
-        first = sample(sampling.rows(slot, slot + 1), output.logits[:, -1], self.vocab, features)[0]
+        first = sample(sampling.rows(slot, slot + 1), prompt.logits, self.vocab, features)[0]
         self._state.codes[slot] = first[:-1]
         self._state.positions[slot] = request.prompt_tokens
         return first
