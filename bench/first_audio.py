@@ -35,21 +35,19 @@ import httpx
 from http_first_byte import Server, free_port, make_checkpoint
 from websockets.asyncio.client import connect
 
-# Every request gets the next of these, so no two at once share a prompt beyond the
-# system prompt (the engine's prompt cache would skip a repeated prompt's prefill).
-TEXTS = itertools.cycle(
-    [
-        "The quick brown fox jumps over the lazy dog.",
-        "Hello, world! How are you doing on this fine day?",
-        "Audio is recorded in a quiet room with one microphone.",
-        "You are listening to a test of the streaming engine.",
-        "Fine, thanks. And you, after such a very long week?",
-        "Numbers like one, two and three are read one by one.",
-        "Every request here carries its own text and its seed.",
-        "A voice agent sends text as soon as the model writes it.",
-        "The first piece of audio is what the caller waits for.",
-    ]
-)
+# Every request gets a text of its own ("Request 12: ..."), so requests share only the
+# system prompt: the engine's prompt cache would skip most of a repeated prompt's prefill.
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! How are you doing on this fine day?",
+    "Audio is recorded in a quiet room with one microphone.",
+    "You are listening to a test of the streaming engine.",
+    "Fine, thanks. And you, after such a very long week?",
+    "Numbers like one, two and three are read one by one.",
+    "Every request here carries its own text and its seed.",
+    "A voice agent sends text as soon as the model writes it.",
+]
+TEXTS = (f"Request {n}: {SENTENCES[n % len(SENTENCES)]}" for n in itertools.count())
 FORMATS = ("wav", "mp3", "opus")
 TRANSPORTS = ("http", "websocket")
 
@@ -58,27 +56,32 @@ def cells() -> list[tuple[str, str]]:
     return [(transport, fmt) for transport in TRANSPORTS for fmt in FORMATS]
 
 
-async def http_first_audio_ms(url: str, audio_format: str, steps: int) -> float:
-    body = {"model": "tts-1", "input": next(TEXTS), "response_format": audio_format, "seed": 1,
-            "max_new_tokens": steps}  # fmt: skip
-    async with httpx.AsyncClient(timeout=600) as client:
-        start = time.perf_counter()
-        async with client.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
-            response.raise_for_status()
-            first = None
-            async for chunk in response.aiter_raw():  # all of it, as a player would
-                if chunk and first is None:
-                    first = time.perf_counter()
+async def http_first_audio_ms(
+    client: httpx.AsyncClient, url: str, audio_format: str, steps: int, ready: asyncio.Barrier
+) -> float:
+    body = {"model": "tts-1", "input": next(TEXTS), "response_format": audio_format,
+            "seed": 1, "max_new_tokens": steps}  # fmt: skip
+    await ready.wait()
+    start = time.perf_counter()
+    async with client.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
+        response.raise_for_status()
+        first = None
+        async for chunk in response.aiter_raw():  # all of it, as a player would
+            if chunk and first is None:
+                first = time.perf_counter()
     assert first is not None, "no audio came"
     return (first - start) * 1000.0
 
 
-async def ws_first_audio_ms(url: str, audio_format: str, steps: int) -> float:
+async def ws_first_audio_ms(
+    client: httpx.AsyncClient, url: str, audio_format: str, steps: int, ready: asyncio.Barrier
+) -> float:
     config = {"model": "tts-1", "response_format": audio_format, "seed": 1,
               "max_new_tokens": steps}  # fmt: skip
     ws_url = url.replace("http://", "ws://") + "/v1/audio/speech/stream"
     async with connect(ws_url, open_timeout=60, max_size=None) as socket:
         await socket.send(json.dumps(config))
+        await ready.wait()  # every socket open and configured, as a voice agent keeps them
         start = time.perf_counter()
         await socket.send(json.dumps({"text": next(TEXTS), "close": True}))
         first = None
@@ -91,6 +94,9 @@ async def ws_first_audio_ms(url: str, audio_format: str, steps: int) -> float:
     return (first - start) * 1000.0
 
 
+Probe = Callable[[httpx.AsyncClient, str, str, int, asyncio.Barrier], Awaitable[float]]
+
+
 def percentile(samples: list[float], share: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
@@ -100,21 +106,28 @@ async def measure(
     url: str, steps: int, repeats: int, streams: int
 ) -> dict[tuple[str, str], tuple[float, float, float]]:
     """(single-stream median, p50 and p95 under `streams` at once) per (transport, format)."""
-    probes: dict[str, Callable[[str, str, int], Awaitable[float]]] = {
-        "http": http_first_audio_ms, "websocket": ws_first_audio_ms,
-    }  # fmt: skip
-    for transport, fmt in cells():  # warm-up: encoders, sockets, the engine's first steps
-        await probes[transport](url, fmt, steps)
+    probes: dict[str, Probe] = {"http": http_first_audio_ms, "websocket": ws_first_audio_ms}
     alone: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells()}
     loaded: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells()}
-    for round_ in range(repeats):  # cells interleaved, so that drift hits them alike
-        for transport, fmt in cells():
+    # One client for every HTTP request, as a caller keeps one; a loaded round starts its
+    # requests together once each is ready, so no setup runs inside another's clock.
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def run(transport: str, fmt: str, count: int) -> list[float]:
+            ready = asyncio.Barrier(count)
             probe = probes[transport]
-            alone[transport, fmt].append(await probe(url, fmt, steps))
-            if round_ % 2 == 0:
-                together = (probe(url, fmt, steps) for _ in range(streams))
-                loaded[transport, fmt] += await asyncio.gather(*together)
-        print(f"round {round_ + 1} of {repeats} done", file=sys.stderr, flush=True)
+            return list(await asyncio.gather(
+                *(probe(client, url, fmt, steps, ready) for _ in range(count))
+            ))  # fmt: skip
+
+        for transport, fmt in cells():  # warm-up: encoders, sockets, the engine's first steps
+            await run(transport, fmt, 1)
+        for round_ in range(repeats):  # cells interleaved, so that drift hits them alike
+            for transport, fmt in cells():
+                alone[transport, fmt] += await run(transport, fmt, 1)
+                if round_ % 2 == 0:
+                    loaded[transport, fmt] += await run(transport, fmt, streams)
+            print(f"round {round_ + 1} of {repeats} done", file=sys.stderr, flush=True)
     results = {
         cell: (statistics.median(alone[cell]), percentile(loaded[cell], 0.5),
                percentile(loaded[cell], 0.95))

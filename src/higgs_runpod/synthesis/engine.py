@@ -4,9 +4,10 @@ waveform on request.
 Built on transformers' native Higgs Audio v2 classes, loaded by `loading`; the prompt is
 rendered by `prompts.render_prompt`.
 
-    conversation --chat template--> text + reference codes --prefill (model forward)-->
-    KV-cache slot --decode steps, batched with every other request (scheduler, slots)-->
-    delayed steps --DelayAligner--> codes (frames x codebooks) --audio tokenizer--> samples
+    conversation --chat template--> text + reference codes --prefill (model forward, after
+    the beginning the prompt cache holds)--> KV-cache slot --decode steps, batched with
+    every other request (scheduler, slots)--> delayed steps --DelayAligner--> codes
+    (frames x codebooks) --audio tokenizer--> samples
 
 All model work runs on one thread, the decode loop's (scheduler.DecodeLoop): callers on
 other threads block on their own request while it decodes among the others.
@@ -303,7 +304,8 @@ class Engine:
 
     def prefill(self, request: Request, slot: int) -> torch.Tensor:
         """Run the prompt through the model's own forward (the masked text + audio path),
-        keep its keys and values in `slot` and sample the first step."""
+        from where the prompt cache's shared beginning ends, keep its keys and values in
+        `slot` and sample the first step."""
         assert self.model is not None
         started = time.perf_counter()
         inputs = request.prepare()

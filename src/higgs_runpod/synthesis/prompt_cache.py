@@ -38,7 +38,6 @@ class PromptForward:
 
     logits: torch.Tensor  # (1, vocabulary)
     cache: DynamicCache
-    reused_tokens: int
 
 
 class PromptCache:
@@ -70,7 +69,7 @@ class PromptCache:
             output = model(**suffix, cache=cache, use_cache=True, logits_to_keep=1)
             self.reused_tokens += shared
         self._add(key, cache)
-        return PromptForward(output.logits[:, -1], cache, shared)
+        return PromptForward(output.logits[:, -1], cache)
 
     def _longest(self, key: torch.Tensor) -> tuple[_Entry | None, int]:
         """The entry sharing the longest beginning with `key`, and how many tokens; at least
