@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from transformers import BatchFeature
 
 from higgs_runpod.request.prompts import build_conversation
 from higgs_runpod.synthesis.engine import Engine
@@ -99,3 +100,14 @@ def test_the_cache_holds_at_most_its_budget(engine: Engine) -> None:
         assert engine.prompt_cache.tokens == 0
     finally:
         engine.prompt_cache = kept
+
+
+def test_a_repeated_prompt_of_ids_alone_gives_the_same_codes(
+    engine: Engine, fresh_cache: PromptCache
+) -> None:
+    """Model inputs without an attention mask (as bench/throughput.py makes them): the
+    second run takes all but the last token from the cache and decodes the same codes."""
+    ids = engine.prompt_inputs(build_conversation("Hello there."))["input_ids"]
+    runs = [engine.decode(lambda: BatchFeature({"input_ids": ids}), GREEDY) for _ in range(2)]
+    assert fresh_cache.reused_tokens == ids.shape[1] - 1
+    assert torch.equal(torch.cat(runs[0].frames), torch.cat(runs[1].frames))

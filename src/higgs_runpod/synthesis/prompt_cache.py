@@ -128,9 +128,11 @@ def _shared_length(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def _suffix(config: object, inputs: BatchFeature, shared: int) -> dict[str, torch.Tensor]:
     """The model inputs after the first `shared` tokens: their ids, the audio frames not
-    yet in the cache, and the whole attention mask (past and new, as generate passes it)."""
+    yet in the cache, and the whole attention mask if any (past and new, as generate passes it)."""
     ids = inputs["input_ids"]
-    suffix = {"input_ids": ids[:, shared:], "attention_mask": inputs["attention_mask"]}
+    suffix = {"input_ids": ids[:, shared:]}
+    if "attention_mask" in inputs:
+        suffix["attention_mask"] = inputs["attention_mask"]
     audio = inputs.get("audio_input_ids")
     if audio is not None:
         cached_frames = int(_audio_positions(config, ids[0, :shared]).sum())
