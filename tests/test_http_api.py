@@ -51,6 +51,12 @@ def post(app: Any, path: str, **kwargs: Any) -> httpx.Response:
 JSON_TYPE = {"Content-Type": "application/json"}
 
 
+def metric(app: Any, name: str) -> float:
+    """One unlabelled sample of /metrics."""
+    line = next(x for x in get(app, "/metrics").text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
 def speech_body(**fields: Any) -> dict[str, Any]:
     return {"model": "higgs-audio-v2", "input": "Hello.", "max_new_tokens": 40, **fields}
 
@@ -66,6 +72,10 @@ def test_auth_off_every_route_answers(settings: Settings, speech: SpeechService)
     assert response.headers["content-type"] == "audio/wav"
     assert response.headers["x-seed"] == "4"
     assert audio.decode(response.content, 24_000).duration_s > 0.5
+    assert metric(app, "higgs_prompt_cache_tokens") > 0
+    reused = metric(app, "higgs_prompt_cache_reused_tokens")
+    assert post(app, "/v1/audio/speech", json=speech_body(seed=5)).status_code == 200
+    assert metric(app, "higgs_prompt_cache_reused_tokens") > reused  # the same prompt again
 
 
 def test_playground_page_is_self_contained(settings: Settings, speech: SpeechService) -> None:

@@ -189,7 +189,10 @@ def _api_router(service: Service) -> APIRouter:
 
     @router.get("/metrics")
     async def metrics() -> Response:
-        service.metrics.model_loaded.set(1 if service.speech.engine.is_loaded else 0)
+        engine = service.speech.engine
+        service.metrics.model_loaded.set(1 if engine.is_loaded else 0)
+        service.metrics.prompt_cache_tokens.set(engine.prompt_cache.tokens)
+        service.metrics.prompt_cache_reused_tokens.set(engine.prompt_cache.reused_tokens)
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     @router.get("/v1/models")

@@ -64,6 +64,17 @@ class Metrics:
             "Speech requests whose client disconnected; their generation was stopped.",
             registry=self.registry,
         )
+        self.prompt_cache_tokens = Gauge(
+            "higgs_prompt_cache_tokens",
+            "Tokens of recent prompts whose keys and values the engine holds now.",
+            registry=self.registry,
+        )
+        self.prompt_cache_reused_tokens = Gauge(
+            "higgs_prompt_cache_reused_tokens",
+            "Prompt tokens taken from the prompt cache instead of prefilled, since the worker "
+            "started (a total: read its rate).",
+            registry=self.registry,
+        )
         self.model_loaded = Gauge(
             "higgs_model_loaded", "1 once the model is loaded.", registry=self.registry
         )

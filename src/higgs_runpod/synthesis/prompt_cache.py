@@ -46,11 +46,8 @@ class PromptCache:
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
         self._entries: list[_Entry] = []
-        self.reused_tokens = 0  # over the cache's life, for logs and benchmarks
-
-    @property
-    def tokens(self) -> int:
-        return sum(int(entry.key.shape[0]) for entry in self._entries)
+        self.tokens = 0  # held now
+        self.reused_tokens = 0  # taken from the cache instead of prefilled, over its life
 
     def forward(
         self, model: HiggsAudioV2ForConditionalGeneration, inputs: BatchFeature
@@ -90,13 +87,15 @@ class PromptCache:
         if tokens > self.max_tokens:
             return
         # An entry this prompt starts with (or equals) holds nothing the new one lacks.
-        self._entries = [e for e in self._entries if _shared_length(e.key, key) < len(e.key)]
-        while self._entries and self.tokens + tokens > self.max_tokens:
-            self._entries.pop(0)
+        kept = [e for e in self._entries if _shared_length(e.key, key) < len(e.key)]
+        while kept and sum(len(e.key) for e in kept) + tokens > self.max_tokens:
+            kept.pop(0)
         layers: list[Any] = list(cache.layers)  # DynamicLayer: keys, values (1, heads, T, dim)
-        self._entries.append(
+        kept.append(
             _Entry(key, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
         )
+        self._entries = kept
+        self.tokens = sum(len(e.key) for e in kept)
 
 
 def prompt_key(config: object, inputs: BatchFeature) -> torch.Tensor:
