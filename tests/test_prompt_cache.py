@@ -20,7 +20,8 @@ from test_engine_parity import GREEDY, assert_same, clip, generate_codes
 
 @pytest.fixture
 def fresh_cache(engine: Engine) -> Iterator[PromptCache]:
-    """The session engine with an empty prompt cache (the one it had is put back after)."""
+    """The session engine with an empty prompt cache; the one it had is put back after,
+    whatever cache the test set meanwhile."""
     kept = engine.prompt_cache
     engine.prompt_cache = PromptCache(4096)
     yield engine.prompt_cache
@@ -85,21 +86,17 @@ def test_a_long_texts_next_chunk_reuses_the_chunk_before(
                 generate_codes(engine, chunk, GREEDY.max_new_tokens))  # fmt: skip
 
 
-def test_the_cache_holds_at_most_its_budget(engine: Engine) -> None:
-    kept = engine.prompt_cache
-    try:
-        texts = ["Hello there.", "Fine, thanks. And you?", "A third one, longer than both."]
-        lengths = [engine.prompt_inputs(build_conversation(t))["input_ids"].shape[1] for t in texts]
-        engine.prompt_cache = PromptCache(max(lengths) + 1)
-        for text in texts:
-            engine.synthesize(build_conversation(text), GREEDY)
-            assert engine.prompt_cache.tokens <= max(lengths) + 1
-        engine.prompt_cache = PromptCache(0)  # PROMPT_CACHE_TOKENS=0: nothing is kept
-        for text in texts:
-            assert reused_by(engine, build_conversation(text))[0] == 0
-        assert engine.prompt_cache.tokens == 0
-    finally:
-        engine.prompt_cache = kept
+def test_the_cache_holds_at_most_its_budget(engine: Engine, fresh_cache: PromptCache) -> None:
+    texts = ["Hello there.", "Fine, thanks. And you?", "A third one, longer than both."]
+    lengths = [engine.prompt_inputs(build_conversation(t))["input_ids"].shape[1] for t in texts]
+    engine.prompt_cache = PromptCache(max(lengths) + 1)  # the fixture puts the engine's back
+    for text in texts:
+        engine.synthesize(build_conversation(text), GREEDY)
+        assert engine.prompt_cache.tokens <= max(lengths) + 1
+    engine.prompt_cache = PromptCache(0)  # PROMPT_CACHE_TOKENS=0: nothing is kept
+    for text in texts:
+        assert reused_by(engine, build_conversation(text))[0] == 0
+    assert engine.prompt_cache.tokens == 0
 
 
 def test_a_repeated_prompt_of_ids_alone_gives_the_same_codes(

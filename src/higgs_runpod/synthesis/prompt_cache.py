@@ -88,14 +88,14 @@ class PromptCache:
             return
         # An entry this prompt starts with (or equals) holds nothing the new one lacks.
         kept = [e for e in self._entries if _shared_length(e.key, key) < len(e.key)]
-        while kept and sum(len(e.key) for e in kept) + tokens > self.max_tokens:
-            kept.pop(0)
+        held = sum(len(e.key) for e in kept)
+        while kept and held + tokens > self.max_tokens:
+            held -= len(kept.pop(0).key)
         layers: list[Any] = list(cache.layers)  # DynamicLayer: keys, values (1, heads, T, dim)
         kept.append(
             _Entry(key, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
         )
-        self._entries = kept
-        self.tokens = sum(len(e.key) for e in kept)
+        self._entries, self.tokens = kept, held + tokens
 
 
 def prompt_key(config: object, inputs: BatchFeature) -> torch.Tensor:
