@@ -16,7 +16,7 @@ from higgs_runpod.request.voices import ReferenceClip
 from higgs_runpod.settings import load_settings
 from higgs_runpod.synthesis.engine import Engine, SamplingParams
 from higgs_runpod.synthesis.loading import resolve_device
-from support.engine import Staggered
+from support.engine import ForwardSpy, Staggered, admitted_together
 
 # RAS resamples repeated codes at random even when greedy, so greedy runs switch it off.
 GREEDY = SamplingParams(temperature=0.0, ras_win_len=0, max_new_tokens=30)
@@ -169,6 +169,49 @@ def test_a_seeded_request_draws_the_same_codes_alone_and_among_seven_others(
     results = runs.join()
     assert len(results) == 8 and not [r for r in results.values() if isinstance(r, Exception)]
     assert torch.equal(results["target"].codes, alone.codes)  # type: ignore[attr-defined]
+
+
+def test_a_seeded_request_prefilled_with_seven_others_draws_the_codes_it_draws_alone(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = SamplingParams(**{**SAMPLED.__dict__, "seed": 4242})
+    text = build_conversation("The same words, sampled.")
+    alone = engine.synthesize(text, target)
+    calls = [lambda: engine.synthesize(text, target)]
+    for index in range(7):
+        params = SamplingParams(**{**SAMPLED.__dict__, "seed": index,
+                                   "max_new_tokens": 20 + 5 * index})  # fmt: skip
+        conversation = build_conversation(f"Another request, number {index}.")
+        calls.append(lambda c=conversation, p=params: engine.synthesize(c, p))
+    spy = ForwardSpy(engine, monkeypatch)
+    results = admitted_together(engine, calls)
+    assert max(spy.batches) > 1  # some of them shared a forward
+    assert not [r for r in results if isinstance(r, Exception)]
+    assert torch.equal(results[0].codes, alone.codes)  # type: ignore[attr-defined]
+
+
+def test_a_batched_prefill_out_of_memory_is_tried_one_request_at_a_time(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: the forward raises CUDA's error for any batch of more than one row,
+    as a GPU short of memory for the batch (not for one prompt) would."""
+    conversations = [build_conversation(f"Out of memory, number {n}.") for n in range(4)]
+    alone = [engine.synthesize(c, GREEDY).codes for c in conversations]
+    forward = engine.model.forward
+    batches: list[int] = []
+
+    def short_of_memory(*args: object, **kwargs: torch.Tensor) -> object:
+        batches.append(int(kwargs["input_ids"].shape[0]))
+        if batches[-1] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", short_of_memory)
+    calls = [lambda c=c: engine.synthesize(c, GREEDY) for c in conversations]
+    results = admitted_together(engine, calls)
+    assert batches == [4, 1, 1, 1, 1]
+    for result, codes in zip(results, alone, strict=True):
+        assert torch.equal(result.codes, codes)  # type: ignore[attr-defined]
 
 
 def test_two_hundred_short_jobs_with_cancellations_free_every_slot_and_keep_memory_flat(

@@ -1,7 +1,9 @@
-"""Prompts that begin as a recent one prefill only the rest, and decode as generate does.
+"""Prompts that begin as a recent one prefill only the rest, prompts that arrive together
+prefill in one forward, and all decode as generate does.
 
-`model.generate` prefills every prompt whole, so it is the reference: a prompt whose
-beginning came from the cache must give generate's codes exactly (greedy, float32).
+`model.generate` prefills every prompt whole and alone, so it is the reference: a prompt
+whose beginning came from the cache, or that ran as a padded row of a batch, must give
+generate's codes exactly (greedy, float32).
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ import torch
 from transformers import BatchFeature
 
 from higgs_runpod.request.prompts import build_conversation
+from higgs_runpod.synthesis import prompt_cache
 from higgs_runpod.synthesis.engine import Engine
 from higgs_runpod.synthesis.prompt_cache import PromptCache
+from support.engine import ForwardSpy, admitted_together
 from test_engine_parity import GREEDY, assert_same, clip, generate_codes
+
+TEXTS = ["Hello there.", "Fine, thanks. And you?", "A third one, a little longer than both.",
+         "Four."]  # fmt: skip
 
 
 @pytest.fixture
@@ -108,3 +115,42 @@ def test_a_repeated_prompt_of_ids_alone_gives_the_same_codes(
     runs = [engine.decode(lambda: BatchFeature({"input_ids": ids}), GREEDY) for _ in range(2)]
     assert fresh_cache.reused_tokens == ids.shape[1] - 1
     assert torch.equal(torch.cat(runs[0].frames), torch.cat(runs[1].frames))
+
+
+def together(engine: Engine, conversations: list[list[dict]]) -> list[object]:
+    calls = [lambda c=c: engine.synthesize(c, GREEDY) for c in conversations]
+    return admitted_together(engine, calls)
+
+
+def test_prompts_that_arrive_together_prefill_in_one_forward_and_equal_generate(
+    engine: Engine, fresh_cache: PromptCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four plain prompts of different lengths and a clone arrive at once, after the system
+    prompt is cached: the four run as one padded batch on their cached beginnings, the
+    clone (its clip comes after what they share) alone."""
+    engine.synthesize(build_conversation("Warm the cache."), GREEDY)
+    conversations = [build_conversation(text) for text in TEXTS]
+    conversations.append(build_conversation("The quick brown fox.", voice=clip(1.2, 330.0)))
+    references = [generate_codes(engine, c, GREEDY.max_new_tokens) for c in conversations]
+    reused_before = fresh_cache.reused_tokens
+    spy = ForwardSpy(engine, monkeypatch)
+    results = together(engine, conversations)
+    assert sorted(spy.batches) == [1, 4]
+    assert fresh_cache.reused_tokens - reused_before >= 5 * prompt_cache.MIN_SHARED_TOKENS
+    for result, reference in zip(results, references, strict=True):
+        assert_same(result, reference)  # type: ignore[arg-type]
+
+
+def test_prompts_with_nothing_cached_prefill_together_within_the_batch_bound(
+    engine: Engine, fresh_cache: PromptCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conversations = [build_conversation(text) for text in TEXTS]
+    references = [generate_codes(engine, c, GREEDY.max_new_tokens) for c in conversations]
+    longest = max(engine.prompt_inputs(c)["input_ids"].shape[1] for c in conversations)
+    monkeypatch.setattr(prompt_cache, "BATCH_TOKENS", 2 * longest)  # two rows a forward
+    spy = ForwardSpy(engine, monkeypatch)
+    results = together(engine, conversations)
+    assert spy.batches == [2, 2]
+    assert fresh_cache.reused_tokens == 0
+    for result, reference in zip(results, references, strict=True):
+        assert_same(result, reference)  # type: ignore[arg-type]

@@ -1,9 +1,10 @@
-"""Probes on the real engine: a spy on its audio encoder, and requests that join a running
-batch at chosen steps."""
+"""Probes on the real engine: a spy on its audio encoder, requests that join a running
+batch at chosen steps, and requests admitted in the same turn."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -66,3 +67,46 @@ class Staggered:
         for thread in self.threads:
             thread.join(timeout=120)
         return self.results
+
+
+def admitted_together(engine: Engine, calls: list[Callable[[], object]]) -> list[object]:
+    """Run `calls` (each submits one request) while the decode loop is held, so that every
+    request is waiting when it resumes and all are admitted in one turn; returns what each
+    returned, or the exception it raised."""
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=lambda: engine.call(lambda: (held.set(), release.wait(60))))
+    holder.start()
+    assert held.wait(60)
+    results: list[object] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        try:
+            results[index] = calls[index]()
+        except Exception as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while engine.waiting < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    release.set()
+    for thread in [holder, *threads]:
+        thread.join(timeout=120)
+    return results
+
+
+class ForwardSpy:
+    """The batch size of every call of the model's forward (only prefill calls it)."""
+
+    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.batches: list[int] = []
+        assert engine.model is not None
+        real = engine.model.forward
+
+        def spy(*args: object, **kwargs: torch.Tensor) -> object:
+            self.batches.append(int(kwargs["input_ids"].shape[0]))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine.model, "forward", spy)

@@ -41,7 +41,7 @@ from higgs_runpod.errors import ModelNotFoundError, RequestError
 from higgs_runpod.request.prompts import render_prompt
 from higgs_runpod.settings import Settings
 from higgs_runpod.synthesis.loading import load_checkpoints, resolve_device
-from higgs_runpod.synthesis.prompt_cache import PromptCache
+from higgs_runpod.synthesis.prompt_cache import PromptCache, PromptForward
 from higgs_runpod.synthesis.sampler import (
     ALL_FEATURES,
     AudioVocab,
@@ -102,6 +102,11 @@ class Engine:
     def running(self) -> int:
         """Requests holding a KV-cache slot now."""
         return self._loop.running
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot."""
+        return self._loop.waiting
 
     @property
     def is_loaded(self) -> bool:
@@ -261,9 +266,15 @@ class Engine:
         return self._loop.call(function)
 
     def prompt_inputs(self, conversation: list[dict[str, Any]]) -> BatchFeature:
-        """The model inputs of a conversation's prompt (what `generate` would be given)."""
+        """The model inputs of a conversation's prompt (what `generate` would be given).
+
+        Rendered on the calling thread, so that a request checks its prompt without
+        waiting for the decode loop's turn (a prefill or a step). The text tokenizer is
+        only ever called without padding or truncation, so concurrent calls only read
+        its settings; a clip given as samples is still encoded on the loop.
+        """
         self.load()
-        return self._loop.call(lambda: self._prepare(conversation))
+        return self._prepare(conversation)
 
     def encode_clip(self, samples: np.ndarray) -> torch.Tensor:
         """A reference clip (float32 mono at sample_rate) -> codes (frames x codebooks)."""
@@ -302,15 +313,36 @@ class Engine:
 
     # What the decode loop calls (scheduler.Backend), always on its thread.
 
-    def prefill(self, request: Request, slot: int) -> torch.Tensor:
-        """Run the prompt through the model's own forward (the masked text + audio path),
-        from where the prompt cache's shared beginning ends, keep its keys and values in
-        `slot` and sample the first step."""
+    def prefill(self, admitted: list[tuple[Request, int]]) -> list[torch.Tensor | Exception]:
+        """Run the prompts through the model's own forward (the masked text + audio path),
+        from where the prompt cache's shared beginnings end, as few forwards as the cache
+        can batch them into; keep each one's keys and values in its slot and sample its
+        first step. A request whose prompt fails gets its error back; the others go on."""
         assert self.model is not None
+        outcomes: dict[int, torch.Tensor | Exception] = {}
+        ready: list[tuple[int, Request, int, BatchFeature]] = []
+        for index, (request, slot) in enumerate(admitted):
+            try:
+                ready.append((index, request, slot, self._prompt(request)))
+            except torch.OutOfMemoryError:
+                raise  # the loop frees memory and tries each request alone
+            except Exception as error:
+                outcomes[index] = error
+        forwards = self.prompt_cache.forward(self.model, [inputs for *_, inputs in ready])
+        for (index, request, slot, inputs), prompt in zip(ready, forwards, strict=True):
+            try:
+                outcomes[index] = self._first_step(request, slot, inputs, prompt)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:
+                outcomes[index] = error
+        return [outcomes[index] for index in range(len(admitted))]
+
+    def _prompt(self, request: Request) -> BatchFeature:
+        """A request's model inputs, refused if its prompt and max_new_tokens overrun a slot."""
         started = time.perf_counter()
         inputs = request.prepare()
-        prompt_ids = inputs["input_ids"][0]
-        request.prompt_tokens = int(prompt_ids.shape[0])
+        request.prompt_tokens = int(inputs["input_ids"].shape[1])
         request.prepare_ms = ms_since(started)
         request.started = time.perf_counter()
         limit = request.prompt_tokens + request.settings.max_new_tokens
@@ -321,11 +353,16 @@ class Engine:
                 f"context) plus max_new_tokens ({request.settings.max_new_tokens}) exceeds the "
                 f"{self.context} tokens a request may use on this worker (MAX_CONTEXT_TOKENS)",
             )
-        prompt = self.prompt_cache.forward(self.model, inputs)
+        return inputs
+
+    def _first_step(
+        self, request: Request, slot: int, inputs: BatchFeature, prompt: PromptForward
+    ) -> torch.Tensor:
+        """Keys and values into `slot`, sampling state loaded, the first step sampled."""
         self._cache.fill(slot, prompt.cache)
         audio = inputs.get("audio_input_ids")
         sampling = self._state.sampling
-        sampling.load(slot, request.settings, self.vocab, prompt_ids.cpu(),
+        sampling.load(slot, request.settings, self.vocab, inputs["input_ids"][0].cpu(),
                       audio[0] if audio is not None else None)  # fmt: skip
         features = features_of([request.settings], self.vocab)
         first = sample(sampling.rows(slot, slot + 1), prompt.logits, self.vocab, features)[0]

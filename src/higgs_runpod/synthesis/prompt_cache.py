@@ -23,6 +23,7 @@ import torch
 from transformers import BatchFeature, DynamicCache, HiggsAudioV2ForConditionalGeneration
 
 MIN_SHARED_TOKENS = 8  # below this, copying keys and values saves less than it costs
+BATCH_TOKENS = 8192  # positions (rows x padded length) in one batched prefill forward
 
 
 @dataclass(eq=False)  # entries are compared by identity
@@ -50,12 +51,33 @@ class PromptCache:
         self.reused_tokens = 0  # taken from the cache instead of prefilled, over its life
 
     def forward(
-        self, model: HiggsAudioV2ForConditionalGeneration, inputs: BatchFeature
-    ) -> PromptForward:
-        """Prefill `inputs` (one prompt, as prompts.render_prompt makes it) through the
-        model's own forward, reusing the longest cached beginning."""
-        key = prompt_key(model.config, inputs)
-        entry, shared = self._longest(key)
+        self, model: HiggsAudioV2ForConditionalGeneration, prompts: list[BatchFeature]
+    ) -> list[PromptForward]:
+        """Prefill each of `prompts` (one prompt each, as prompts.render_prompt makes them)
+        through the model's own forward, reusing the longest cached beginnings.
+
+        Prompts whose rest is all text run in one batched forward (right-padded, on top of
+        their beginnings cut to a common length): requests that arrive together cost
+        about one forward, not one each. A prompt with audio in its rest runs alone.
+        """
+        keys = [prompt_key(model.config, inputs) for inputs in prompts]
+        matches = [self._longest(key) for key in keys]
+        alone, together = _batchable(model.config, keys, matches)
+        forwards: dict[int, PromptForward] = {}
+        for index in alone:
+            forwards[index] = self._forward_one(model, prompts[index], *matches[index])
+        for group, past in together:
+            rows = [(prompts[i], matches[i][0]) for i in group]
+            forwards.update(zip(group, _forward_batch(model, rows, past), strict=True))
+            self.reused_tokens += past * len(group)
+        for index, key in enumerate(keys):
+            self._add(key, forwards[index].cache)
+        return [forwards[index] for index in range(len(prompts))]
+
+    def _forward_one(
+        self, model: HiggsAudioV2ForConditionalGeneration, inputs: BatchFeature,
+        entry: _Entry | None, shared: int,
+    ) -> PromptForward:  # fmt: skip
         cache = DynamicCache(config=model.config)
         if entry is None:
             output = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
@@ -65,7 +87,6 @@ class PromptCache:
             suffix = _suffix(model.config, inputs, shared)
             output = model(**suffix, cache=cache, use_cache=True, logits_to_keep=1)
             self.reused_tokens += shared
-        self._add(key, cache)
         return PromptForward(output.logits[:, -1], cache)
 
     def _longest(self, key: torch.Tensor) -> tuple[_Entry | None, int]:
@@ -139,3 +160,92 @@ def _suffix(config: object, inputs: BatchFeature, shared: int) -> dict[str, torc
             suffix["audio_input_ids"] = audio[:, cached_frames:]
             suffix["audio_input_ids_mask"] = inputs["audio_input_ids_mask"][:, cached_frames:]
     return suffix
+
+
+Match = tuple[_Entry | None, int]
+
+
+def _batchable(
+    config: object, keys: list[torch.Tensor], matches: list[Match]
+) -> tuple[list[int], list[tuple[list[int], int]]]:
+    """Which prompts run alone, and which run together in groups, each on a common number
+    of cached tokens. Prompts with a cached beginning share the shortest one among them;
+    a prompt still holding audio after that common length runs alone (its audio frames
+    would need the batch to carry audio inputs), as does any prompt in a group of one."""
+    audio_ends = [_audio_end(config, key) for key in keys]
+    alone = [i for i, (entry, _) in enumerate(matches) if entry is None and audio_ends[i]]
+    cold = [i for i, (entry, _) in enumerate(matches) if entry is None and not audio_ends[i]]
+    warm = [i for i, (entry, _) in enumerate(matches) if entry is not None]
+    while warm:
+        past = min(matches[i][1] for i in warm)
+        late = [i for i in warm if audio_ends[i] > past]
+        if not late:
+            break
+        alone += late
+        warm = [i for i in warm if i not in late]
+    groups = []
+    for members, past in ((cold, 0), (warm, min((matches[i][1] for i in warm), default=0))):
+        for group in _split(members, [len(keys[i]) - past for i in members]):
+            if len(group) == 1:
+                alone += group
+            else:
+                groups.append((group, past))
+    return sorted(alone), groups
+
+
+def _split(members: list[int], lengths: list[int]) -> list[list[int]]:
+    """Consecutive groups whose padded size (rows x longest) stays within BATCH_TOKENS."""
+    groups: list[list[int]] = []
+    longest = 0
+    for member, length in zip(members, lengths, strict=True):
+        if groups and (len(groups[-1]) + 1) * max(longest, length) <= BATCH_TOKENS:
+            groups[-1].append(member)
+            longest = max(longest, length)
+        else:
+            groups.append([member])
+            longest = length
+    return groups
+
+
+def _audio_end(config: object, key: torch.Tensor) -> int:
+    """One past the last audio position of a prompt key (0: no audio)."""
+    audio = (key[:, 1:] >= 0).any(dim=1).nonzero()
+    return int(audio[-1]) + 1 if audio.numel() else 0
+
+
+def _forward_batch(
+    model: HiggsAudioV2ForConditionalGeneration,
+    rows: list[tuple[BatchFeature, _Entry | None]],
+    past: int,
+) -> list[PromptForward]:
+    """Text-only rests of several prompts in one forward: each row on its own cached
+    first `past` tokens, its rest right-padded (the padding masked and never attended to
+    by real tokens, which come first); each row's logits are taken at its last token and
+    its keys and values cut to its length."""
+    ids = [inputs["input_ids"][0, past:] for inputs, _ in rows]
+    lengths = [int(rest.shape[0]) for rest in ids]
+    width = max(lengths)
+    device = ids[0].device
+    batch = torch.stack([torch.cat([rest, rest[-1:].expand(width - len(rest))]) for rest in ids])
+    mask = torch.zeros((len(rows), past + width), dtype=torch.long, device=device)
+    for row, length in enumerate(lengths):
+        mask[row, : past + length] = 1
+    cache = DynamicCache(config=model.config)
+    entries = [entry for _, entry in rows if entry is not None]
+    if past:
+        for layer in range(len(entries[0].keys)):
+            keys = torch.stack([entry.keys[layer][:, :past] for entry in entries])
+            values = torch.stack([entry.values[layer][:, :past] for entry in entries])
+            cache.update(keys, values, layer)
+    last = torch.tensor(lengths, device=device)[:, None] - 1
+    output = model(input_ids=batch, attention_mask=mask, cache=cache, use_cache=True,
+                   logits_to_keep=last)  # fmt: skip
+    layers: list[Any] = list(cache.layers)
+    forwards = []
+    for row, length in enumerate(lengths):
+        own = DynamicCache(config=model.config)
+        for index, layer in enumerate(layers):  # copies: a view would keep the whole batch
+            own.update(layer.keys[row : row + 1, :, : past + length].clone(),
+                       layer.values[row : row + 1, :, : past + length].clone(), index)  # fmt: skip
+        forwards.append(PromptForward(output.logits[row : row + 1, -1], own))
+    return forwards

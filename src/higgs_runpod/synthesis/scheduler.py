@@ -4,17 +4,19 @@ Callers (one thread per job) submit a `Request` and block on its future. The loo
 owns the model and does all model work, in this order, again and again:
 
 1. side tasks (load, encode a reference clip, decode codes to audio), queued by callers;
-2. admission: a waiting request gets a free slot, its prompt is prefilled through the
-   model's own forward and its first step sampled; it joins the batch at the next step
-   (while others decode, one prefill per step, so nobody stalls for long);
+2. admission: waiting requests get free slots, their prompts are prefilled through the
+   model's own forward, together where the prompt cache can batch them (so requests that
+   arrive at once cost about one forward), and their first steps sampled; they join the
+   batch at the next step;
 3. one decode step for every running request (slots.decode_step), then a single
    asynchronous copy of its codes and finished flags to the host;
 4. the copy of the step before is read: frames go to each request's aligner and
    streaming callback, finished requests leave and their slots are reused at once.
 
 A request leaves when its audio ends, at max_new_tokens, or at the step after its cancel
-event is set. A request whose prompt or prefill fails fails alone; running out of memory
-during a step evicts the newest requests with a clear error and the others go on.
+event is set. A request whose prompt or prefill fails fails alone (a batched prefill that
+runs out of memory is tried again one request at a time); running out of memory during a
+step evicts the newest requests with a clear error and the others go on.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ class Backend(Protocol):
     slots: int
     context: int
 
-    def prefill(self, request: Request, slot: int) -> torch.Tensor:
-        """Prefill `request` into `slot`; return its first step with the finished flag."""
+    def prefill(self, admitted: list[tuple[Request, int]]) -> list[torch.Tensor | Exception]:
+        """Prefill each request into its slot; return each one's first step with the
+        finished flag, or the error its prompt failed with."""
         ...
 
     def step(self, rows: int, length: int, settings: list[SamplingParams]) -> torch.Tensor:
@@ -149,6 +152,12 @@ class DecodeLoop:
     def running(self) -> int:
         return sum(request is not None for request in self._slots)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted."""
+        with self._lock:
+            return len(self._waiting)
+
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
@@ -192,29 +201,38 @@ class DecodeLoop:
                 future.set_exception(error)
 
     def _admit(self) -> None:
-        """Waiting requests into free slots: all of them when the batch is idle, else one."""
-        budget = len(self._slots) if not self.running else 1
-        while budget and None in self._slots:
-            with self._lock:
-                self._waiting = [r for r in self._waiting if not self._leave_if_cancelled(r)]
-                if not self._waiting:
-                    return
-                request = self._waiting.pop(0)
-            budget -= 1
-            self._start(request, self._slots.index(None))
+        """Waiting requests into free slots, prefilled together."""
+        free = [slot for slot, request in enumerate(self._slots) if request is None]
+        with self._lock:
+            self._waiting = [r for r in self._waiting if not self._leave_if_cancelled(r)]
+            admitted, self._waiting = self._waiting[: len(free)], self._waiting[len(free) :]
+        if admitted:
+            self._start(list(zip(admitted, free, strict=False)))
 
-    def _start(self, request: Request, slot: int) -> None:
+    def _start(self, admitted: list[tuple[Request, int]]) -> None:
         assert self.backend is not None
-        request.started = time.perf_counter()
+        for request, _ in admitted:
+            request.started = time.perf_counter()
         try:
-            first = self.backend.prefill(request, slot).cpu()
+            outcomes = self.backend.prefill(admitted)
         except torch.OutOfMemoryError:
             self.backend.release_memory()
-            self._fail(request, OutOfMemoryError(OUT_OF_MEMORY))
-            return
-        except Exception as error:
-            self._fail(request, error)
-            return
+            if len(admitted) > 1:  # the batch was too big: one at a time
+                for one in admitted:
+                    self._start([one])
+                return
+            outcomes = [OutOfMemoryError(OUT_OF_MEMORY)]
+        except Exception as error:  # a bug in the batch: each request fails with it
+            outcomes = [error] * len(admitted)
+        for (request, slot), outcome in zip(admitted, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._fail(request, outcome)
+            else:
+                self._join(request, slot, outcome.cpu())
+
+    def _join(self, request: Request, slot: int, first: torch.Tensor) -> None:
+        """A prefilled request into the batch, with its first step taken."""
+        assert self.backend is not None
         request.slot = slot
         self._slots[slot] = request
         try:
