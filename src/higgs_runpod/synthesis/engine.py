@@ -10,7 +10,9 @@ rendered by `prompts.render_prompt`.
     (frames x codebooks) --audio tokenizer--> samples
 
 All model work runs on one thread, the decode loop's (scheduler.DecodeLoop): callers on
-other threads block on their own request while it decodes among the others.
+other threads block on their own request while it decodes among the others. Tensor work
+on a second thread would also start a second OpenMP thread team, and on a small CPU the
+loop's steps then run at about half speed for the rest of the process.
 
 Audio in a conversation is either a waveform (`{"type": "audio", "audio": samples}`,
 encoded here) or codes already (`{"type": "audio", "codes": tensor}`), which is how long
@@ -266,15 +268,9 @@ class Engine:
         return self._loop.call(function)
 
     def prompt_inputs(self, conversation: list[dict[str, Any]]) -> BatchFeature:
-        """The model inputs of a conversation's prompt (what `generate` would be given).
-
-        Rendered on the calling thread, so that a request checks its prompt without
-        waiting for the decode loop's turn (a prefill or a step). The text tokenizer is
-        only ever called without padding or truncation, so concurrent calls only read
-        its settings; a clip given as samples is still encoded on the loop.
-        """
+        """The model inputs of a conversation's prompt (what `generate` would be given)."""
         self.load()
-        return self._prepare(conversation)
+        return self._loop.call(lambda: self._prepare(conversation))
 
     def encode_clip(self, samples: np.ndarray) -> torch.Tensor:
         """A reference clip (float32 mono at sample_rate) -> codes (frames x codebooks)."""

@@ -7,7 +7,7 @@ owns the model and does all model work, in this order, again and again:
 2. admission: waiting requests get free slots, their prompts are prefilled through the
    model's own forward, together where the prompt cache can batch them (so requests that
    arrive at once cost about one forward), and their first steps sampled; they join the
-   batch at the next step;
+   batch at the next step (side tasks queued meanwhile run first);
 3. one decode step for every running request (slots.decode_step), then a single
    asynchronous copy of its codes and finished flags to the host;
 4. the copy of the step before is read: frames go to each request's aligner and
@@ -175,7 +175,8 @@ class DecodeLoop:
         if self.backend is None:
             self._sleep()
             return
-        self._admit()
+        if self._admit():
+            self._run_tasks()  # those queued during the prefill: prompt checks, audio pieces
         self._drop_cancelled()
         if self.running:
             self._step()
@@ -200,14 +201,15 @@ class DecodeLoop:
             except BaseException as error:
                 future.set_exception(error)
 
-    def _admit(self) -> None:
-        """Waiting requests into free slots, prefilled together."""
+    def _admit(self) -> bool:
+        """Waiting requests into free slots, prefilled together; False if there were none."""
         free = [slot for slot, request in enumerate(self._slots) if request is None]
         with self._lock:
             self._waiting = [r for r in self._waiting if not self._leave_if_cancelled(r)]
             admitted, self._waiting = self._waiting[: len(free)], self._waiting[len(free) :]
         if admitted:
             self._start(list(zip(admitted, free, strict=False)))
+        return bool(admitted)
 
     def _start(self, admitted: list[tuple[Request, int]]) -> None:
         assert self.backend is not None
