@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import (
     AutoConfig,
@@ -13,7 +15,7 @@ from transformers import (
     HiggsAudioV2TokenizerModel,
 )
 
-from higgs_runpod.weights.tiny import make_tiny_model
+from higgs_runpod.weights.tiny import make_tiny_model, on_a_passing_thread
 
 
 def test_loads_with_the_standard_classes(tiny_checkpoint: tuple[Path, Path]) -> None:
@@ -58,3 +60,23 @@ def test_other_codebook_counts_agree(tmp_path: Path) -> None:
     codes = model.generate(**prompt, do_sample=False, max_new_tokens=9)
     assert codes.shape == (1, 9, 6)
     assert torch.all(codes[0, -1] < 16)  # past the delay pattern every codebook has a code
+
+
+def test_a_build_runs_on_a_thread_of_its_own_that_is_gone_after() -> None:
+    """The caller's thread never runs the tensor work (so it starts no OpenMP team of its
+    own beside the engine's); the build's thread has ended when the result comes back."""
+    ran_on: list[threading.Thread] = []
+
+    def build() -> torch.Tensor:
+        ran_on.append(threading.current_thread())
+        return torch.ones(1_000_000).add_(1)  # big enough for a parallel region
+
+    result = on_a_passing_thread(build)
+    assert float(result.sum()) == 2_000_000
+    assert ran_on[0] is not threading.current_thread()
+    assert not ran_on[0].is_alive()
+
+
+def test_a_failing_build_raises_in_the_caller() -> None:
+    with pytest.raises(ZeroDivisionError):
+        on_a_passing_thread(lambda: 1 / 0)

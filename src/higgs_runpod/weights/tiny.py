@@ -12,8 +12,11 @@ it. Nothing is downloaded: the text tokenizer is trained here on a few sentences
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -202,10 +205,44 @@ def build_model(
     return model
 
 
+T = TypeVar("T")
+
+
+def on_a_passing_thread(build: Callable[[], T]) -> T:
+    """Run `build` (tensor work: building or writing a model) on a thread that then exits.
+
+    Tensor work starts an OpenMP thread team for the thread it runs on. While a second
+    team lives (this caller's, beside the engine's decode loop), the loop's parallel
+    regions run several times slower on a small CPU; a thread that exits takes its team
+    with it. Tests and benchmarks build a model and then serve it in one process.
+    """
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(build())
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="build")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
 def make_tiny_model(
     directory: Path, seed: int = 0, shape: dict | None = None, codebooks: int = TINY_CODEBOOKS
 ) -> tuple[Path, Path]:
     """Write DIR/model and DIR/tokenizer; returns (model_path, tokenizer_path)."""
+    return on_a_passing_thread(lambda: _make_tiny_model(directory, seed, shape, codebooks))
+
+
+def _make_tiny_model(
+    directory: Path, seed: int, shape: dict | None, codebooks: int
+) -> tuple[Path, Path]:
     model_dir, tokenizer_dir = directory / "model", directory / "tokenizer"
     text_tokenizer = build_text_tokenizer()
     build_model(text_tokenizer, seed, shape, codebooks).save_pretrained(model_dir)
