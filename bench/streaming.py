@@ -27,7 +27,6 @@ from higgs_runpod.request.schema import parse_request
 from higgs_runpod.service.results import Piece
 from higgs_runpod.service.speech import SpeechService
 from higgs_runpod.settings import load_settings
-from higgs_runpod.weights.tiny import on_a_passing_thread
 
 TEXT = "Streaming lets a voice agent speak before the whole answer has been generated."
 LARGER = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
@@ -91,10 +90,7 @@ def main() -> None:
         cli = Path(sys.executable).with_name("higgs-runpod")
         subprocess.run([cli, "make-tiny-model", directory], check=True, capture_output=True)
         tiny = Path(directory, "model")
-        models = {
-            "tiny": tiny,
-            "larger": on_a_passing_thread(lambda: larger_model(tiny, Path(directory, "larger"))),
-        }
+        models = {"tiny": tiny, "larger": larger_model(tiny, Path(directory, "larger"))}
         print(f"request: {args.frames} steps (~{(args.frames - 4) * 0.04:.1f} s of audio), "
               f"median of {args.repeats}; first piece = 5 frames")  # fmt: skip
         header = ("model", "params", "one-shot s", "stream s", "first audio s", "stream overhead")

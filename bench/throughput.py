@@ -38,7 +38,6 @@ from higgs_runpod.weights.tiny import (
     TINY_SHAPE,
     build_model,
     build_text_tokenizer,
-    on_a_passing_thread,
     sharpen_audio_head,
 )
 
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     default_sizes = "1,2,4,8,16,32,64" if device.type == "cuda" else "1,2,4,8,16"
     sizes = [int(b) for b in (args.batch_sizes or default_sizes).split(",")]
 
-    model = on_a_passing_thread(lambda: build(args.shape, device, dtype))
+    model = build(args.shape, device, dtype)
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = decode_bytes(model)
     bandwidth = measure_bandwidth(device, args.copy_mb or (2048 if device.type == "cuda" else 512))

@@ -122,6 +122,34 @@ def test_an_expired_take_is_refused_and_removed(
     assert list((tmp_path / TAKES_DIR).iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["a record that is not JSON", "a record without its text", "codes that are no tensor",
+     "a clip over the size a take can have"],
+)  # fmt: skip
+def test_a_take_damaged_on_the_volume_is_refused_by_name_and_removed(
+    settings: Settings, engine: Engine, tmp_path: Path, damage: str
+) -> None:
+    """The volume is not trusted: whatever is written there by hand, a keep answers
+    take_id's not-found error (never an internal one), and the worker serves on."""
+    worker = take_worker(settings, engine, tmp_path)
+    take_id = run(worker, TAKE)["take_id"]
+    take_dir = tmp_path / TAKES_DIR / take_id
+    record = json.loads((take_dir / "take.json").read_text())
+    if damage == "a record that is not JSON":
+        (take_dir / "take.json").write_text("{not json")
+    elif damage == "a record without its text":
+        (take_dir / "take.json").write_text(json.dumps({"created": record["created"]}))
+    elif damage == "codes that are no tensor":
+        torch.save({"codes": [1, 2, 3]}, take_dir / "codes.pt")
+    else:  # 31 s of 16-bit samples at 24 kHz, past MAX_REF_AUDIO_SECONDS (30)
+        (take_dir / "clip.wav").write_bytes(bytes(31 * 24_000 * 2 + 4096))
+    answer = keep(worker, take_id)
+    assert "take_id: no take" in answer["error"] and "unreadable" in answer["error"]
+    assert list((tmp_path / TAKES_DIR).iterdir()) == []
+    assert "take_id" in run(worker, TAKE)  # serving on
+
+
 def test_a_take_that_cannot_become_the_voice_stays(
     settings: Settings, engine: Engine, tmp_path: Path
 ) -> None:
@@ -167,7 +195,7 @@ def small_take(text: str) -> Take:
 
 
 def test_the_store_sweeps_expired_and_oldest_takes(tmp_path: Path) -> None:
-    store = TakeStore(tmp_path, ttl_s=3600.0, max_takes=2)
+    store = TakeStore(tmp_path, ttl_s=3600.0, max_takes=2, max_seconds=30.0)
     for index, take_id in enumerate(["a" * 32, "b" * 32, "c" * 32]):
         store.write(take_id, small_take(f"take {index}"))
         time.sleep(0.01)
@@ -177,7 +205,7 @@ def test_the_store_sweeps_expired_and_oldest_takes(tmp_path: Path) -> None:
     store.write("d" * 32, small_take("take 3"))
     assert sorted(p.name for p in store.root.iterdir()) == ["c" * 32, "d" * 32]
     claimed = store.claim("c" * 32)
-    assert store.read(claimed).text == "take 2"
+    assert store.read(claimed, "c" * 32).text == "take 2"
     assert sorted(p.name for p in store.root.iterdir() if not p.name.startswith(".")) == ["d" * 32]
 
 
@@ -193,7 +221,7 @@ def test_a_take_too_short_to_keep_fails_at_the_keep_not_before(
 
 
 def test_two_keeps_of_one_take_at_once_give_it_to_one(tmp_path: Path) -> None:
-    store = TakeStore(tmp_path, ttl_s=3600.0, max_takes=10)
+    store = TakeStore(tmp_path, ttl_s=3600.0, max_takes=10, max_seconds=30.0)
     store.write("e" * 32, small_take("shared"))
     barrier = threading.Barrier(8)
     won: list[Path] = []
@@ -212,4 +240,4 @@ def test_two_keeps_of_one_take_at_once_give_it_to_one(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert (len(won), len(lost)) == (1, 7)
-    assert store.read(won[0]).text == "shared"
+    assert store.read(won[0], "e" * 32).text == "shared"

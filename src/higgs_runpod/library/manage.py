@@ -70,7 +70,8 @@ class VoiceService:
         self.resolver = resolver
         self.encoder = encoder  # None: no model here (the CLI filling a volume)
         self.store = VoiceStore(settings.voices_path, settings.max_voices)
-        self.takes = TakeStore(settings.voices_path, settings.take_ttl_s, settings.max_takes)
+        self.takes = TakeStore(settings.voices_path, settings.take_ttl_s, settings.max_takes,
+                               settings.max_ref_audio_seconds)
 
     @property
     def reserved(self) -> frozenset[str]:
@@ -127,7 +128,7 @@ class VoiceService:
         is consumed, or given back when the voice cannot be made (a name taken meanwhile)."""
         claimed = self.takes.claim(take_id)
         try:
-            take = self.takes.read(claimed)
+            take = self.takes.read(claimed, take_id)
             transcript = fields.transcript or take.text
             stored = self.resolver.clip(take.clip_wav, transcript, "take_id")  # the limits
             voice = NewVoice(

@@ -13,14 +13,18 @@ writes what it generated to the volume, where any worker that mounts it can find
 ID is 32 random hex digits. A take is staged and renamed into place (never seen torn), and
 claimed by a rename too, so of two keeps of one take exactly one gets it. Takes expire after
 TAKE_TTL_S, and writing one sweeps the expired ones and the oldest beyond MAX_TAKES (each
-take is at most MAX_REF_AUDIO_SECONDS long, so the count bounds the size).
+take is at most MAX_REF_AUDIO_SECONDS long, so the count bounds the size). The volume is
+not trusted: a take is read only within the sizes such a take can have, and one that is
+too big or malformed is deleted and answered as not found.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 
 from higgs_runpod.errors import RequestError, TakeNotFoundError
+from higgs_runpod.request.voices import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,9 @@ TAKES_DIR = ".takes"
 TAKE_ID = re.compile(r"^[0-9a-f]{32}$")
 RECORD, CLIP, CODES = "take.json", "clip.wav", "codes.pt"
 STALE_S = 3600.0  # a staging or claimed directory this old belongs to a writer that died
+MAX_RECORD_BYTES = 64 * 1024  # text, description and tokenizer id, as written
+MAX_CODEBOOKS = 64  # bounds the codes file with the frame count; the model has 8
+FRAME_RATE = 25  # the audio tokenizer's frames per second
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,15 @@ def check_take_id(take_id: Any, field: str = "take_id") -> str:
 class TakeStore:
     """Takes under VOICES_PATH/.takes: written, claimed (consumed), restored, swept."""
 
-    def __init__(self, voices_path: Path, ttl_s: float, max_takes: int) -> None:
+    def __init__(
+        self, voices_path: Path, ttl_s: float, max_takes: int, max_seconds: float
+    ) -> None:
         self.root = voices_path / TAKES_DIR
         self.ttl_s = ttl_s
         self.max_takes = max_takes
+        frames = int(max_seconds * FRAME_RATE) + 1
+        self._max_clip_bytes = int(max_seconds * SAMPLE_RATE) * 2 + 4096  # 16-bit + header
+        self._max_codes_bytes = frames * MAX_CODEBOOKS * 8 + 64 * 1024  # int64 + torch.save's
 
     def write(self, take_id: str, take: Take) -> None:
         """Stage the take, rename it into place, then sweep the expired and the oldest."""
@@ -101,15 +114,29 @@ class TakeStore:
             raise _not_found(take_id)
         return claimed
 
-    def read(self, claimed: Path) -> Take:
-        record = json.loads((claimed / RECORD).read_text("utf-8"))
-        return Take(
-            clip_wav=(claimed / CLIP).read_bytes(),
-            codes=torch.load(claimed / CODES, map_location="cpu", weights_only=True),
-            text=str(record["text"]),
-            description=record.get("description"),
-            tokenizer_id=str(record["tokenizer"]),
-        )
+    def read(self, claimed: Path, take_id: str) -> Take:
+        """The claimed take, read within the sizes a take can have; a take too big or
+        malformed (the volume is not trusted) is deleted and TakeNotFoundError raised."""
+        try:
+            record = json.loads(_bounded(claimed / RECORD, MAX_RECORD_BYTES))
+            codes = torch.load(io.BytesIO(_bounded(claimed / CODES, self._max_codes_bytes)),
+                               map_location="cpu", weights_only=True)  # fmt: skip
+            description = record.get("description")
+            if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.int64
+                    and codes.dim() == 2 and isinstance(description, str | None)):  # fmt: skip
+                raise ValueError("not a take's codes or record")
+            return Take(
+                clip_wav=_bounded(claimed / CLIP, self._max_clip_bytes),
+                codes=codes,
+                text=str(record["text"]),
+                description=description,
+                tokenizer_id=str(record["tokenizer"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError,
+                pickle.UnpicklingError) as error:  # fmt: skip
+            log.warning("take %s is unreadable (%s): deleted", take_id, type(error).__name__)
+            shutil.rmtree(claimed, ignore_errors=True)
+            raise _not_found(take_id) from None
 
     def restore(self, claimed: Path, take_id: str) -> None:
         """Give a claimed take back (the voice could not be made from it)."""
@@ -149,9 +176,18 @@ class TakeStore:
             return 0.0
 
 
+def _bounded(path: Path, limit: int) -> bytes:
+    """A file's bytes, refused (ValueError) past `limit` without reading more than that."""
+    with path.open("rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path.name} is over {limit} bytes")
+    return data
+
+
 def _not_found(take_id: str) -> TakeNotFoundError:
     return TakeNotFoundError(
         "take_id",
-        f"no take {take_id!r}: unknown, expired (TAKE_TTL_S), already kept, or its request "
-        "is still generating",
+        f"no take {take_id!r}: unknown, expired (TAKE_TTL_S), already kept, unreadable, or "
+        "its request is still generating",
     )
