@@ -347,7 +347,9 @@ def test_the_cli_keeps_a_take_on_the_volume(tmp_path: Path) -> None:
     """`voices add NAME --take ID` with no server: the take's codes and clip, as they are."""
     volume = tmp_path / "volume"
     codes = torch.arange(24, dtype=torch.int64).reshape(12, 2)
-    TakeStore(volume, 3600.0, 10, 30.0).write("ab" * 16, Take(CLIP, codes, "A take.", "Calm.", "tok"))
+    TakeStore(volume, 3600.0, 10, 30.0).write(
+        "ab" * 16, Take(CLIP, codes, "A take.", "Calm.", "tok")
+    )
     env = {"VOICES_PATH": str(volume)}
     added = cli("voices", "add", "fromtake", "--take", "ab" * 16, env=env)
     assert added.returncode == 0, added.stderr

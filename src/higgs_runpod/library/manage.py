@@ -70,8 +70,12 @@ class VoiceService:
         self.resolver = resolver
         self.encoder = encoder  # None: no model here (the CLI filling a volume)
         self.store = VoiceStore(settings.voices_path, settings.max_voices)
-        self.takes = TakeStore(settings.voices_path, settings.take_ttl_s, settings.max_takes,
-                               settings.max_ref_audio_seconds)
+        self.takes = TakeStore(
+            settings.voices_path,
+            settings.take_ttl_s,
+            settings.max_takes,
+            settings.max_ref_audio_seconds,
+        )
 
     @property
     def reserved(self) -> frozenset[str]:

@@ -74,9 +74,7 @@ def check_take_id(take_id: Any, field: str = "take_id") -> str:
 class TakeStore:
     """Takes under VOICES_PATH/.takes: written, claimed (consumed), restored, swept."""
 
-    def __init__(
-        self, voices_path: Path, ttl_s: float, max_takes: int, max_seconds: float
-    ) -> None:
+    def __init__(self, voices_path: Path, ttl_s: float, max_takes: int, max_seconds: float) -> None:
         self.root = voices_path / TAKES_DIR
         self.ttl_s = ttl_s
         self.max_takes = max_takes

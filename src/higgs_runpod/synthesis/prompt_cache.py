@@ -62,7 +62,7 @@ class PromptCache:
         """
         keys = [prompt_key(model.config, inputs) for inputs in prompts]
         matches = [self._longest(key) for key in keys]
-        alone, together = _batchable(model.config, keys, matches)
+        alone, together = _batchable(keys, matches)
         forwards: dict[int, PromptForward] = {}
         for index in alone:
             forwards[index] = self._forward_one(model, prompts[index], *matches[index])
@@ -166,13 +166,13 @@ Match = tuple[_Entry | None, int]
 
 
 def _batchable(
-    config: object, keys: list[torch.Tensor], matches: list[Match]
+    keys: list[torch.Tensor], matches: list[Match]
 ) -> tuple[list[int], list[tuple[list[int], int]]]:
     """Which prompts run alone, and which run together in groups, each on a common number
     of cached tokens. Prompts with a cached beginning share the shortest one among them;
     a prompt still holding audio after that common length runs alone (its audio frames
     would need the batch to carry audio inputs), as does any prompt in a group of one."""
-    audio_ends = [_audio_end(config, key) for key in keys]
+    audio_ends = [_audio_end(key) for key in keys]
     alone = [i for i, (entry, _) in enumerate(matches) if entry is None and audio_ends[i]]
     cold = [i for i, (entry, _) in enumerate(matches) if entry is None and not audio_ends[i]]
     warm = [i for i, (entry, _) in enumerate(matches) if entry is not None]
@@ -207,7 +207,7 @@ def _split(members: list[int], lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def _audio_end(config: object, key: torch.Tensor) -> int:
+def _audio_end(key: torch.Tensor) -> int:
     """One past the last audio position of a prompt key (0: no audio)."""
     audio = (key[:, 1:] >= 0).any(dim=1).nonzero()
     return int(audio[-1]) + 1 if audio.numel() else 0

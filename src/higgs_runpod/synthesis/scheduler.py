@@ -15,8 +15,8 @@ owns the model and does all model work, in this order, again and again:
 
 A request leaves when its audio ends, at max_new_tokens, or at the step after its cancel
 event is set. A request whose prompt or prefill fails fails alone (a batched prefill that
-runs out of memory is tried again one request at a time); running out of memory during a
-step evicts the newest requests with a clear error and the others go on.
+fails, out of memory or otherwise, is tried again one request at a time); running out of
+memory during a step evicts the newest requests with a clear error and the others go on.
 """
 
 from __future__ import annotations
@@ -216,16 +216,16 @@ class DecodeLoop:
         for request, _ in admitted:
             request.started = time.perf_counter()
         try:
-            outcomes = self.backend.prefill(admitted)
-        except torch.OutOfMemoryError:
-            self.backend.release_memory()
-            if len(admitted) > 1:  # the batch was too big: one at a time
+            outcomes: list[torch.Tensor | Exception] = self.backend.prefill(admitted)
+        except Exception as error:  # out of memory, or one prompt the forward refused
+            out_of_memory = isinstance(error, torch.OutOfMemoryError)
+            if out_of_memory:
+                self.backend.release_memory()
+            if len(admitted) > 1:  # one at a time, so that only what failed fails
                 for one in admitted:
                     self._start([one])
                 return
-            outcomes = [OutOfMemoryError(OUT_OF_MEMORY)]
-        except Exception as error:  # a bug in the batch: each request fails with it
-            outcomes = [error] * len(admitted)
+            outcomes = [OutOfMemoryError(OUT_OF_MEMORY) if out_of_memory else error]
         for (request, slot), outcome in zip(admitted, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 self._fail(request, outcome)
