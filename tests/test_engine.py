@@ -190,11 +190,16 @@ def test_a_seeded_request_prefilled_with_seven_others_draws_the_codes_it_draws_a
     assert torch.equal(results[0].codes, alone.codes)  # type: ignore[attr-defined]
 
 
-def test_a_batched_prefill_out_of_memory_is_tried_one_request_at_a_time(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "error",
+    [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     RuntimeError("a batch the forward refused")],
+)  # fmt: skip
+def test_a_batched_prefill_that_fails_is_tried_one_request_at_a_time(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
-    """No GPU here: the forward raises CUDA's error for any batch of more than one row,
-    as a GPU short of memory for the batch (not for one prompt) would."""
+    """No GPU here: the forward raises CUDA's error (or another) for any batch of more
+    than one row, as a GPU short of memory for the batch, not for one prompt, would."""
     conversations = [build_conversation(f"Out of memory, number {n}.") for n in range(4)]
     alone = [engine.synthesize(c, GREEDY).codes for c in conversations]
     forward = engine.model.forward
@@ -203,7 +208,7 @@ def test_a_batched_prefill_out_of_memory_is_tried_one_request_at_a_time(
     def short_of_memory(*args: object, **kwargs: torch.Tensor) -> object:
         batches.append(int(kwargs["input_ids"].shape[0]))
         if batches[-1] > 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise error
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(engine.model, "forward", short_of_memory)
