@@ -37,6 +37,7 @@ import torch
 
 from higgs_runpod.errors import RequestError, TakeNotFoundError
 from higgs_runpod.request.voices import SAMPLE_RATE
+from higgs_runpod.synthesis.voice_cache import check_codes
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +121,9 @@ class TakeStore:
             codes = torch.load(io.BytesIO(_bounded(claimed / CODES, self._max_codes_bytes)),
                                map_location="cpu", weights_only=True)  # fmt: skip
             description = record.get("description")
-            if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.int64
-                    and codes.dim() == 2 and isinstance(description, str | None)):  # fmt: skip
-                raise ValueError("not a take's codes or record")
+            problem = check_codes(codes, None)
+            if problem is not None or not isinstance(description, str | None):
+                raise ValueError(problem or "its description is not a string")
             return Take(
                 clip_wav=_bounded(claimed / CLIP, self._max_clip_bytes),
                 codes=codes,

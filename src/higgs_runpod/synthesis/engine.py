@@ -313,7 +313,8 @@ class Engine:
         """Run the prompts through the model's own forward (the masked text + audio path),
         from where the prompt cache's shared beginnings end, as few forwards as the cache
         can batch them into; keep each one's keys and values in its slot and sample its
-        first step. A request whose prompt fails gets its error back; the others go on."""
+        first step. A request whose prompt is refused gets its error back and the others go
+        on; anything raised later fails the batch, which the loop then runs one by one."""
         assert self.model is not None
         outcomes: dict[int, torch.Tensor | Exception] = {}
         ready: list[tuple[int, Request, int, BatchFeature]] = []
@@ -326,12 +327,7 @@ class Engine:
                 outcomes[index] = error
         forwards = self.prompt_cache.forward(self.model, [inputs for *_, inputs in ready])
         for (index, request, slot, inputs), prompt in zip(ready, forwards, strict=True):
-            try:
-                outcomes[index] = self._first_step(request, slot, inputs, prompt)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as error:
-                outcomes[index] = error
+            outcomes[index] = self._first_step(request, slot, inputs, prompt)
         return [outcomes[index] for index in range(len(admitted))]
 
     def _prompt(self, request: Request) -> BatchFeature:

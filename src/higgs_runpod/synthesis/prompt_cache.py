@@ -176,15 +176,16 @@ def _batchable(
     alone = [i for i, (entry, _) in enumerate(matches) if entry is None and audio_ends[i]]
     cold = [i for i, (entry, _) in enumerate(matches) if entry is None and not audio_ends[i]]
     warm = [i for i, (entry, _) in enumerate(matches) if entry is not None]
+    warm_past = 0
     while warm:
-        past = min(matches[i][1] for i in warm)
-        late = [i for i in warm if audio_ends[i] > past]
+        warm_past = min(matches[i][1] for i in warm)
+        late = [i for i in warm if audio_ends[i] > warm_past]
         if not late:
             break
         alone += late
         warm = [i for i in warm if i not in late]
     groups = []
-    for members, past in ((cold, 0), (warm, min((matches[i][1] for i in warm), default=0))):
+    for members, past in ((cold, 0), (warm, warm_past)):
         for group in _split(members, [len(keys[i]) - past for i in members]):
             if len(group) == 1:
                 alone += group
